@@ -1,0 +1,23 @@
+"""kstep: SGD that keeps its noise kernel norm K away from the stochastic edge of stability."""
+
+from kstep.estimators import (
+    BatchSharpness,
+    LambdaMax,
+    TraceEstimate,
+    batch_sharpness,
+    empirical_ntk,
+    gauss_newton_lambda_max,
+    gauss_newton_trace,
+    gauss_newton_vp,
+    hvp,
+    lambda_max,
+    ntk_trace,
+)
+from kstep.noise_kernel import (
+    k_exact,
+    k_from_trace,
+    k_high_dim,
+    second_moment_growth,
+)
+
+__version__ = "0.1.0"

@@ -1,0 +1,501 @@
+"""Curvature estimators: Gauss–Newton / NTK traces, Hessian-vector products, λ_max, Batch Sharpness.
+
+All functions are pure and jit-compatible, take an explicit PRNG key where they sample, accept
+params of any pytree structure and any float dtype, and accumulate in float32 (bf16/f16 params give
+float32 estimates). Per-example work is chunked with ``jax.lax.map(..., batch_size=chunk_size)`` so
+memory stays bounded.
+
+Shapes: ``apply_fn(params, batch)`` returns outputs of shape ``(B, C)`` or ``(B,)``; every leaf of
+``batch`` has the examples on its leading axis (needed only for ``method="exact"``, which evaluates
+the model one example at a time).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
+
+from kstep import losses as losses_lib
+
+Array = jax.Array
+PyTree = Any
+ApplyFn = Callable[[PyTree, Any], Array]
+LossFn = Callable[[PyTree, Any], Array]
+
+METHODS = ("hutchinson", "exact")
+
+
+class TraceEstimate(NamedTuple):
+  """A trace estimate and its standard error.
+
+  Attributes:
+    value: the estimate (float32 scalar).
+    stderr: the standard error of ``value`` from the spread of the probes
+      (``std(ddof=1) / sqrt(num_probes)``); NaN when ``num_probes == 1`` (one probe carries no
+      information on its own spread) and 0 for ``method="exact"``.
+  """
+
+  value: Array
+  stderr: Array
+
+
+class LambdaMax(NamedTuple):
+  """Result of an extreme-eigenvalue solve.
+
+  Attributes:
+    value: the largest algebraic eigenvalue (Rayleigh quotient of ``eigenvector``).
+    eigenvector: unit-norm eigenvector, a float32 pytree shaped like params (pass it back as
+      ``init`` to warm-start the next solve).
+    residual: ``‖H v − λ v‖`` for the returned pair, from one extra matrix-vector product.
+    num_iters: matrix-vector products spent before the stopping rule fired (the final residual
+      product not counted).
+  """
+
+  value: Array
+  eigenvector: PyTree
+  residual: Array
+  num_iters: Array
+
+
+class BatchSharpness(NamedTuple):
+  """Batch Sharpness (Andreyev & Beneventano, Definition 1) over M batches.
+
+  Attributes:
+    value: the requested reduction: ``"ratio_of_means"`` is ``mean_B[gᵀHg] / mean_B[‖g‖²]``
+      (Definition 1); ``"mean_of_ratios"`` is ``mean_B[gᵀHg / ‖g‖²]`` (what the authors' code
+      reports mostly).
+    stderr: its standard error over the M batches (delta method for the ratio of means).
+    curvature: per-batch ``g_Bᵀ H_B g_B``, shape ``(M,)``.
+    grad_sq_norm: per-batch ``‖g_B‖²``, shape ``(M,)``.
+  """
+
+  value: Array
+  stderr: Array
+  curvature: Array
+  grad_sq_norm: Array
+
+
+def _f32(tree: PyTree) -> PyTree:
+  return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree)
+
+
+def _sq_norm(tree: PyTree) -> Array:
+  leaves = jax.tree.leaves(tree)
+  return sum((jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves), jnp.float32(0.0))
+
+
+def _vdot(a: PyTree, b: PyTree) -> Array:
+  pairs = zip(jax.tree.leaves(a), jax.tree.leaves(b))
+  return sum(
+      (jnp.sum(x.astype(jnp.float32) * y.astype(jnp.float32)) for x, y in pairs), jnp.float32(0.0)
+  )
+
+
+def mean_and_stderr(samples: Array) -> TraceEstimate:
+  """Mean of i.i.d. samples along axis 0 and its standard error (NaN for a single sample)."""
+  n = samples.shape[0]
+  mean = jnp.mean(samples)
+  if n == 1:
+    return TraceEstimate(mean, jnp.full((), jnp.nan, jnp.float32))
+  return TraceEstimate(mean, jnp.std(samples, ddof=1) / jnp.sqrt(jnp.float32(n)))
+
+
+def _check_method(method: str) -> None:
+  if method not in METHODS:
+    raise ValueError(f"`method` must be one of {METHODS}; got {method!r}.")
+
+
+def _check_positive_int(name: str, value: int) -> None:
+  if not isinstance(value, int) or value < 1:
+    raise ValueError(f"`{name}` must be an integer >= 1; got {value!r}.")
+
+
+def _as_batch(example: Any) -> Any:
+  """One example (leaves without the batch axis) as a batch of one."""
+  return jax.tree.map(lambda x: x[None], example)
+
+
+def _per_example_ntk(apply_fn: ApplyFn, params: PyTree, batch: Any, chunk_size: int) -> Array:
+  """Per-example output kernels ``J_i J_iᵀ`` (shape ``(B, C, C)``, float32)."""
+
+  def one(example: Any) -> Array:
+    f = lambda p: apply_fn(p, _as_batch(example)).reshape(-1)
+    jac = jax.jacrev(f)(params)  # leaves (C, *leaf_shape)
+    flat = jnp.concatenate(
+        [x.reshape(x.shape[0], -1).astype(jnp.float32) for x in jax.tree.leaves(jac)], axis=1
+    )
+    return flat @ flat.T
+
+  return jax.lax.map(one, batch, batch_size=chunk_size)
+
+
+def gauss_newton_trace(
+    apply_fn: ApplyFn,
+    params: PyTree,
+    batch: Any,
+    *,
+    loss: str | losses_lib.PerExampleLoss = "mse",
+    key: Array | None = None,
+    num_probes: int = 1,
+    method: str = "hutchinson",
+    chunk_size: int = 32,
+) -> TraceEstimate:
+  r"""Mean over the batch of ``tr(J_iᵀ H_i J_i)``: the Gauss–Newton trace (K paper eq. 87/130).
+
+  ``T = (1/B) Σ_i tr(J_iᵀ H_i J_i)`` with ``J_i`` the C×P Jacobian of the outputs of example i and
+  ``H_i`` the Hessian of its loss in the outputs. For ``loss="mse"`` (ℓ = ½‖f − y‖²) this is the
+  NTK trace ``tr(Θ̂)`` with ``Θ̂ = J Jᵀ / B``.
+
+  Methods:
+    * ``"hutchinson"``, named losses: per probe, ``u ~ losses`` sampler with ``E[u_i u_iᵀ] = H_i``
+      (Rademacher for MSE, sampled labels ``u_i = p_i − e_ŷ`` for the cross-entropies), and the
+      sample ``‖Σ_i J_iᵀ u_i‖² / B``: one forward (shared) and one VJP per probe; unbiased.
+    * ``"hutchinson"``, callable loss: per probe a Rademacher ``z`` in parameter space and the
+      sample ``Σ_i (J_i z)ᵀ H_i (J_i z) / B`` (one JVP and one output-space Hessian product).
+    * ``"exact"``: per-example Jacobians (``jax.lax.map`` in chunks of ``chunk_size`` examples),
+      ``Σ_i tr(H_i J_i J_iᵀ) / B``; stderr 0.
+
+  Args:
+    apply_fn: ``apply_fn(params, batch)`` -> outputs ``(B, C)`` or ``(B,)``.
+    params: any pytree of float arrays.
+    batch: the inputs (and anything else ``apply_fn``/``loss`` read).
+    loss: ``"mse"``, ``"softmax_cross_entropy"``, ``"sigmoid_binary_cross_entropy"`` or a callable
+      ``loss(outputs, batch) -> (B,)`` per-example losses (outputs in the model's own shape).
+    key: PRNG key for the probes (required for ``"hutchinson"``).
+    num_probes: number of independent probes averaged.
+    method: ``"hutchinson"`` or ``"exact"``.
+    chunk_size: examples (exact) or probes (hutchinson) processed at once.
+
+  Returns:
+    ``TraceEstimate(value, stderr)`` in float32.
+  """
+  _check_method(method)
+  _check_positive_int("num_probes", num_probes)
+  _check_positive_int("chunk_size", chunk_size)
+  spec = losses_lib.resolve_loss(loss)
+  outputs, vjp_fn = jax.vjp(lambda p: apply_fn(p, batch), params)
+  out_shape, out_dtype = outputs.shape, outputs.dtype
+  b = out_shape[0]
+  out2d = outputs.reshape(b, -1)
+  spec = spec.for_output_shape(out_shape)
+
+  if method == "exact":
+    kernels = _per_example_ntk(apply_fn, params, batch, chunk_size)
+    h = spec.hessian(out2d, batch)
+    value = jnp.sum(h * kernels) / b  # Σ_i tr(H_i K_i), both symmetric
+    return TraceEstimate(value.astype(jnp.float32), jnp.zeros((), jnp.float32))
+
+  if key is None:
+    raise ValueError('`key` is required for method="hutchinson".')
+  keys = jax.random.split(key, num_probes)
+
+  if spec.sample is not None:
+
+    def probe(k: Array) -> Array:
+      u = spec.sample(k, out2d, batch)
+      (g,) = vjp_fn(u.reshape(out_shape).astype(out_dtype))
+      return _sq_norm(g) / b
+
+  else:
+    apply_p = lambda p: apply_fn(p, batch).reshape(b, -1)
+
+    def probe(k: Array) -> Array:
+      leaves, treedef = jax.tree.flatten(params)
+      ks = jax.random.split(k, len(leaves))
+      z = treedef.unflatten(
+          [jax.random.rademacher(kk, x.shape, dtype=x.dtype) for kk, x in zip(ks, leaves)]
+      )
+      w = jax.jvp(apply_p, (params,), (z,))[1].astype(jnp.float32)
+      return jnp.sum(w * spec.gnvp(out2d, batch, w)) / b
+
+  samples = jax.lax.map(probe, keys, batch_size=min(chunk_size, num_probes))
+  return mean_and_stderr(samples)
+
+
+def ntk_trace(
+    apply_fn: ApplyFn,
+    params: PyTree,
+    batch: Any,
+    *,
+    key: Array | None = None,
+    num_probes: int = 1,
+    method: str = "hutchinson",
+    chunk_size: int = 32,
+) -> TraceEstimate:
+  """Mean over the batch of ``Σ_c ‖∇_θ f_c(x_i)‖²``: ``tr(Θ̂)`` with ``Θ̂ = J Jᵀ / B`` (eq. 11).
+
+  The MSE case of :func:`gauss_newton_trace` (Rademacher probes over all B·C outputs).
+  """
+  return gauss_newton_trace(
+      apply_fn, params, batch, loss="mse", key=key, num_probes=num_probes, method=method,
+      chunk_size=chunk_size,
+  )
+
+
+def empirical_ntk(apply_fn: ApplyFn, params: PyTree, batch: Any, *, chunk_size: int = 32) -> Array:
+  """The N×N empirical NTK ``Θ̂ = J Jᵀ / N`` of a scalar-output model (K paper, §2.1).
+
+  For the exact formulas (:func:`kstep.k_exact`, :func:`kstep.second_moment_growth`) at small N.
+
+  Raises:
+    ValueError: the model has more than one output per example.
+  """
+  outputs = jax.eval_shape(lambda p: apply_fn(p, batch), params)
+  n = outputs.shape[0]
+  if outputs.size != n:
+    raise ValueError(
+        f"empirical_ntk needs one output per example; apply_fn returns shape {outputs.shape}."
+    )
+
+  def grad_one(example: Any) -> Array:
+    g = jax.grad(lambda p: apply_fn(p, _as_batch(example)).reshape(()))(params)
+    return ravel_pytree(_f32(g))[0]
+
+  jac = jax.lax.map(grad_one, batch, batch_size=chunk_size)  # (N, P)
+  return jac @ jac.T / n
+
+
+def hvp(loss_fn: LossFn, params: PyTree, batch: Any, v: PyTree) -> PyTree:
+  """Hessian-vector product ``∇²_θ loss_fn(params, batch) · v``, forward-over-reverse."""
+  return jax.jvp(lambda p: jax.grad(loss_fn)(p, batch), (params,), (v,))[1]
+
+
+def gauss_newton_vp(
+    apply_fn: ApplyFn, params: PyTree, batch: Any, v: PyTree, *, loss: Any = "mse"
+) -> PyTree:
+  """Gauss–Newton-vector product ``(1/B) Σ_i J_iᵀ H_i J_i v`` (one JVP, one VJP)."""
+  spec = losses_lib.resolve_loss(loss)
+  f = lambda p: apply_fn(p, batch)
+  outputs, jv = jax.jvp(f, (params,), (v,))
+  b = outputs.shape[0]
+  spec = spec.for_output_shape(outputs.shape)
+  hjv = spec.gnvp(outputs.reshape(b, -1), batch, jv.reshape(b, -1).astype(jnp.float32))
+  _, vjp_fn = jax.vjp(f, params)
+  (out,) = vjp_fn((hjv / b).reshape(outputs.shape).astype(outputs.dtype))
+  return out
+
+
+def _initial_vector(init: PyTree | None, key: Array | None, flat_params: Array) -> Array:
+  if init is not None:
+    v0 = ravel_pytree(_f32(init))[0]
+  else:
+    k = jax.random.PRNGKey(0) if key is None else key
+    v0 = jax.random.normal(k, flat_params.shape, jnp.float32)
+  norm = jnp.linalg.norm(v0)
+  # A zero start (e.g. the eigenvector of an all-zero Hessian) falls back to a fixed direction.
+  fallback = jnp.ones_like(v0) / jnp.sqrt(jnp.float32(v0.size))
+  return jnp.where(norm > 0, v0 / jnp.where(norm > 0, norm, 1.0), fallback)
+
+
+def _lanczos(matvec: Callable[[Array], Array], v0: Array, max_iters: int, tol: float):
+  """Lanczos with full reorthogonalisation; stops when the Ritz residual ≤ tol·|θ|.
+
+  Returns the top Ritz vector (unit norm) and the number of products used.
+  """
+  n, m = v0.shape[0], max_iters
+  tiny = jnp.finfo(jnp.float32).tiny
+  idx = jnp.arange(m)
+
+  def ritz(alphas, betas, k):
+    used = idx <= k
+    amin = jnp.min(jnp.where(used, alphas, jnp.inf))
+    # Unused diagonal entries sit strictly below every used one, hence below the top Ritz value.
+    fill = amin - 1.0 - jnp.abs(amin)
+    t = jnp.diag(jnp.where(used, alphas, fill))
+    off = jnp.where(idx[:-1] < k, betas[:-1], 0.0)
+    t = t + jnp.diag(off, 1) + jnp.diag(off, -1)
+    evals, evecs = jnp.linalg.eigh(t)
+    return evals[-1], evecs[:, -1]
+
+  def cond(state):
+    k, _, _, _, _, _, _, done = state
+    return jnp.logical_and(k < m, jnp.logical_not(done))
+
+  def body(state):
+    k, basis, alphas, betas, v, v_prev, beta_prev, _ = state
+    basis = basis.at[k].set(v)
+    w = matvec(v)
+    a = jnp.vdot(w, v)
+    w = w - a * v - beta_prev * v_prev
+    w = w - basis.T @ (basis @ w)
+    w = w - basis.T @ (basis @ w)
+    b = jnp.linalg.norm(w)
+    alphas = alphas.at[k].set(a)
+    betas = betas.at[k].set(b)
+    theta, s = ritz(alphas, betas, k)
+    scale = jnp.maximum(jnp.abs(theta), jnp.max(jnp.abs(alphas)))
+    converged = jnp.abs(b * s[k]) <= tol * jnp.maximum(jnp.abs(theta), tiny)
+    breakdown = b <= 1e-6 * jnp.maximum(scale, tiny)
+    v_next = jnp.where(breakdown, jnp.zeros_like(w), w / jnp.where(breakdown, 1.0, b))
+    return k + 1, basis, alphas, betas, v_next, v, b, jnp.logical_or(converged, breakdown)
+
+  init = (
+      jnp.int32(0), jnp.zeros((m, n), jnp.float32), jnp.zeros((m,), jnp.float32),
+      jnp.zeros((m,), jnp.float32), v0, jnp.zeros_like(v0), jnp.float32(0.0), jnp.bool_(False),
+  )
+  k, basis, alphas, betas, *_ = jax.lax.while_loop(cond, body, init)
+  _, s = ritz(alphas, betas, k - 1)
+  y = basis.T @ s
+  return y / jnp.linalg.norm(y), k
+
+
+def _power(matvec, v0, shift, max_iters, tol):
+  """Power iteration on ``H − shift·I``; stops on ‖Hv − θv‖ ≤ tol·|θ|. Returns (v, θ, iters)."""
+  tiny = jnp.finfo(jnp.float32).tiny
+
+  def cond(state):
+    k, _, _, done = state
+    return jnp.logical_and(k < max_iters, jnp.logical_not(done))
+
+  def body(state):
+    k, v, _, _ = state
+    w = matvec(v)
+    theta = jnp.vdot(v, w)
+    done = jnp.linalg.norm(w - theta * v) <= tol * jnp.maximum(jnp.abs(theta), tiny)
+    z = w - shift * v
+    nz = jnp.linalg.norm(z)
+    v_next = jnp.where(nz > 0, z / jnp.where(nz > 0, nz, 1.0), v)
+    return k + 1, jnp.where(done, v, v_next), theta, jnp.logical_or(done, nz == 0)
+
+  k, v, theta, _ = jax.lax.while_loop(
+      cond, body, (jnp.int32(0), v0, jnp.float32(0.0), jnp.bool_(False))
+  )
+  return v, theta, k
+
+
+def _top_eigenpair(
+    matvec: Callable[[Array], Array], v0: Array, unravel, *, num_iters: int, method: str, tol: float
+) -> LambdaMax:
+  if method == "lanczos":
+    y, used = _lanczos(matvec, v0, num_iters, tol)
+  elif method == "power":
+    # Plain power iteration finds the largest |λ|. If that eigenvalue is negative, iterate on
+    # H − λ_neg·I (spectrum shifted to ≥ 0) so the top of the spectrum dominates.
+    v1, theta1, k1 = _power(matvec, v0, 0.0, num_iters, tol)
+
+    def shifted(_):
+      v2, _, k2 = _power(matvec, v1, theta1, num_iters - k1, tol)
+      return v2, k1 + k2
+
+    y, used = jax.lax.cond(theta1 < 0, shifted, lambda _: (v1, k1), None)
+  else:
+    raise ValueError(f'`method` must be "lanczos" or "power"; got {method!r}.')
+  hy = matvec(y)
+  theta = jnp.vdot(y, hy)
+  residual = jnp.linalg.norm(hy - theta * y)
+  return LambdaMax(theta, unravel(y), residual, used)
+
+
+def lambda_max(
+    loss_fn: LossFn,
+    params: PyTree,
+    batch: Any,
+    *,
+    num_iters: int = 20,
+    method: str = "lanczos",
+    init: PyTree | None = None,
+    key: Array | None = None,
+    tol: float = 1e-4,
+) -> LambdaMax:
+  """Largest *algebraic* eigenvalue of the Hessian of ``loss_fn(params, batch)`` in ``params``.
+
+  Matrix-free: Hessian-vector products by forward-over-reverse (:func:`hvp`) at a float32 copy of
+  ``params``; the batch stays fixed during the solve. ``"lanczos"`` (default) runs Lanczos with
+  full reorthogonalisation (memory ``num_iters × P`` floats) and returns the top Ritz pair;
+  ``"power"`` runs power iteration, shifted by the dominant eigenvalue when that one is negative
+  (early in training the largest |λ| can be negative; plain power iteration would return it).
+  Both stop when the residual estimate drops below ``tol·|λ|`` or after ``num_iters`` products.
+
+  Args:
+    loss_fn: scalar loss ``loss_fn(params, batch)``.
+    num_iters: the most Hessian-vector products spent on the solve (one more checks the residual).
+    method: ``"lanczos"`` or ``"power"``.
+    init: start vector (a pytree shaped like params), e.g. the previous ``eigenvector`` to
+      warm-start after a parameter update; random when ``None``.
+    key: PRNG key for the random start (a fixed key when ``None``).
+    tol: relative residual at which to stop.
+
+  Returns:
+    ``LambdaMax(value, eigenvector, residual, num_iters)``.
+  """
+  _check_positive_int("num_iters", num_iters)
+  p32 = _f32(params)
+  flat, unravel = ravel_pytree(p32)
+  matvec = lambda x: ravel_pytree(hvp(loss_fn, p32, batch, unravel(x)))[0].astype(jnp.float32)
+  v0 = _initial_vector(init, key, flat)
+  return _top_eigenpair(matvec, v0, unravel, num_iters=num_iters, method=method, tol=tol)
+
+
+def gauss_newton_lambda_max(
+    apply_fn: ApplyFn,
+    params: PyTree,
+    batch: Any,
+    *,
+    loss: Any = "mse",
+    num_iters: int = 20,
+    method: str = "lanczos",
+    init: PyTree | None = None,
+    key: Array | None = None,
+    tol: float = 1e-4,
+) -> LambdaMax:
+  """Top eigenvalue of the Gauss–Newton matrix ``(1/B) Σ_i J_iᵀ H_i J_i`` (PSD).
+
+  Same interface and solvers as :func:`lambda_max`, with :func:`gauss_newton_vp` as the product.
+  For ``loss="mse"`` this is ``λ_max(Θ̂)``, the full-batch EOS quantity of the K paper (§2.1).
+  """
+  _check_positive_int("num_iters", num_iters)
+  p32 = _f32(params)
+  flat, unravel = ravel_pytree(p32)
+  spec = losses_lib.resolve_loss(loss)
+  matvec = lambda x: ravel_pytree(
+      gauss_newton_vp(apply_fn, p32, batch, unravel(x), loss=spec)
+  )[0].astype(jnp.float32)
+  v0 = _initial_vector(init, key, flat)
+  return _top_eigenpair(matvec, v0, unravel, num_iters=num_iters, method=method, tol=tol)
+
+
+def batch_curvature(loss_fn: LossFn, params: PyTree, batch: Any) -> tuple[Array, Array]:
+  """``(g_Bᵀ H_B g_B, ‖g_B‖²)`` for one batch: one gradient and one HVP, in float32."""
+  p32 = _f32(params)
+  g = jax.grad(loss_fn)(p32, batch)
+  hg = hvp(loss_fn, p32, batch, g)
+  return _vdot(g, hg), _sq_norm(g)
+
+
+def ratio_of_means(num: Array, den: Array) -> tuple[Array, Array]:
+  """``mean(num)/mean(den)`` and its delta-method standard error (0/0 gives 0)."""
+  m = num.shape[0]
+  mn, md = jnp.mean(num), jnp.mean(den)
+  safe = jnp.where(md > 0, md, 1.0)
+  r = jnp.where(md > 0, mn / safe, 0.0)
+  if m == 1:
+    return r, jnp.full((), jnp.nan, jnp.float32)
+  resid = num - r * den
+  return r, jnp.where(md > 0, jnp.std(resid, ddof=1) / jnp.sqrt(jnp.float32(m)) / safe, 0.0)
+
+
+def batch_sharpness(
+    loss_fn: LossFn, params: PyTree, batches: Any, *, reduction: str = "ratio_of_means"
+) -> BatchSharpness:
+  """Batch Sharpness of Andreyev & Beneventano (EoSS, Definition 1) over M stacked batches.
+
+  ``BS = E_B[g_Bᵀ H_B g_B] / E_B[‖g_B‖²]`` (``reduction="ratio_of_means"``), or the mean of the
+  per-batch ratios (``reduction="mean_of_ratios"``). ``g_B`` and ``H_B`` are the gradient and
+  Hessian of ``loss_fn(params, batch_m)``; ``batches`` stacks the M batches on a leading axis.
+  Cost: M gradients and M Hessian-vector products. A batch with zero gradient contributes a ratio
+  of 0.
+  """
+  if reduction not in ("ratio_of_means", "mean_of_ratios"):
+    raise ValueError(
+        f'`reduction` must be "ratio_of_means" or "mean_of_ratios"; got {reduction!r}.'
+    )
+  num, den = jax.lax.map(lambda b: batch_curvature(loss_fn, params, b), batches)
+  if reduction == "ratio_of_means":
+    value, stderr = ratio_of_means(num, den)
+  else:
+    ratios = jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
+    value, stderr = mean_and_stderr(ratios)
+  return BatchSharpness(value, stderr, num, den)

@@ -1,0 +1,153 @@
+"""Per-example losses seen through their output Hessians.
+
+The Gauss–Newton trace (K paper, eq. 87/102/130) is ``T = (1/B) Σ_i tr(J_iᵀ H_i J_i)`` where
+``H_i = ∂²ℓ/∂f²`` is the C×C Hessian of the per-example loss in the model's outputs. This module
+holds, for each supported loss, three things the estimators need:
+
+* ``hessian(outputs, batch)``: the blocks ``H_i`` (shape ``(B, C, C)``), for exact traces;
+* ``sample(key, outputs, batch)``: a probe ``u`` of shape ``(B, C)``, independent across examples,
+  with ``E[u_i] = 0`` and ``E[u_i u_iᵀ] = H_i``. Then ``‖Σ_i J_iᵀ u_i‖² / B`` is unbiased for
+  ``T`` (cross terms vanish). MSE uses Rademacher probes; the cross-entropies use the
+  sampled-label (Bartlett) construction ``u_i = p_i − e_{ŷ_i}`` with ``ŷ_i`` drawn from the model;
+* ``per_example(outputs, batch)``: for callables only, the user's per-example loss; its Hessian in
+  the outputs gives Gauss–Newton-vector products.
+
+Conventions (see ``shared/design/noise-kernel-norm.md``): ``"mse"`` is ℓ = ½ Σ_c (f_c − y_c)², so
+``H_i = I`` and T is the NTK trace. A user whose MSE averages over classes or drops the ½ has
+``H_i = I/C`` or ``2I``: pass the loss as a callable and the Hessian is derived from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+PerExampleLoss = Callable[[Array, Any], Array]
+
+LOSS_NAMES = ("mse", "softmax_cross_entropy", "sigmoid_binary_cross_entropy")
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputLoss:
+  """A per-example loss described by its output Hessian.
+
+  Attributes:
+    name: a name for messages.
+    hessian: ``(outputs (B, C), batch) -> (B, C, C)`` output-Hessian blocks.
+    sample: ``(key, outputs (B, C), batch) -> (B, C)`` probes with ``E[u uᵀ] = H`` per example,
+      or ``None`` where no sampler exists (callables: use Gauss–Newton-vector products).
+    per_example: ``(outputs (B, C), batch) -> (B,)`` the loss itself, or ``None`` for the named
+      losses (their Hessians do not depend on labels, so no labels are needed).
+  """
+
+  name: str
+  hessian: Callable[[Array, Any], Array]
+  sample: Callable[[Array, Array, Any], Array] | None
+  per_example: PerExampleLoss | None = None
+
+  def gnvp(self, outputs: Array, batch: Any, w: Array) -> Array:
+    """Output-space product ``H_i w_i`` for every example (shape ``(B, C)``)."""
+    if self.per_example is None:
+      return jnp.einsum("bcd,bd->bc", self.hessian(outputs, batch), w)
+    total = lambda o: jnp.sum(self.per_example(o, batch))
+    return jax.jvp(jax.grad(total), (outputs.astype(jnp.float32),), (w,))[1]
+
+  def for_output_shape(self, shape: tuple[int, ...]) -> OutputLoss:
+    """This loss on outputs flattened to ``(B, C)`` from the model's own ``shape``.
+
+    The named losses work on ``(B, C)`` directly; a callable is handed its outputs back in the
+    shape the model produced (``(B,)`` for scalar models).
+    """
+    if self.per_example is None:
+      return self
+    fn = self.per_example
+    reshaped = lambda o, batch: fn(o.reshape(shape), batch)
+    return OutputLoss(self.name, _callable_hessian(reshaped), None, reshaped)
+
+
+def _mse_hessian(outputs: Array, batch: Any) -> Array:
+  del batch
+  b, c = outputs.shape
+  return jnp.broadcast_to(jnp.eye(c, dtype=jnp.float32), (b, c, c))
+
+
+def _mse_sample(key: Array, outputs: Array, batch: Any) -> Array:
+  del batch
+  return jax.random.rademacher(key, outputs.shape, dtype=jnp.float32)
+
+
+def _softmax_hessian(outputs: Array, batch: Any) -> Array:
+  del batch
+  p = jax.nn.softmax(outputs.astype(jnp.float32), axis=-1)
+  return jax.vmap(jnp.diag)(p) - p[:, :, None] * p[:, None, :]
+
+
+def _softmax_sample(key: Array, outputs: Array, batch: Any) -> Array:
+  del batch
+  logits = outputs.astype(jnp.float32)
+  p = jax.nn.softmax(logits, axis=-1)
+  y = jax.random.categorical(key, logits, axis=-1)
+  return p - jax.nn.one_hot(y, outputs.shape[-1], dtype=jnp.float32)
+
+
+def _sigmoid_hessian(outputs: Array, batch: Any) -> Array:
+  del batch
+  s = jax.nn.sigmoid(outputs.astype(jnp.float32))
+  return jax.vmap(jnp.diag)(s * (1.0 - s))
+
+
+def _sigmoid_sample(key: Array, outputs: Array, batch: Any) -> Array:
+  del batch
+  s = jax.nn.sigmoid(outputs.astype(jnp.float32))
+  y = jax.random.bernoulli(key, s).astype(jnp.float32)
+  return s - y
+
+
+def _callable_hessian(fn: PerExampleLoss) -> Callable[[Array, Any], Array]:
+  def hessian(outputs: Array, batch: Any) -> Array:
+    # The batch loss is a sum of per-example terms, so its output Hessian is block diagonal:
+    # one product with e_c replicated over the batch returns column c of every block.
+    c = outputs.shape[-1]
+    total = lambda o: jnp.sum(fn(o, batch))
+    grad = jax.grad(total)
+    outputs32 = outputs.astype(jnp.float32)
+
+    def column(e: Array) -> Array:
+      tangent = jnp.broadcast_to(e, outputs32.shape)
+      return jax.jvp(grad, (outputs32,), (tangent,))[1]
+
+    cols = jax.vmap(column)(jnp.eye(c, dtype=jnp.float32))  # (C, B, C): [c, b, :] = H_b e_c
+    return jnp.transpose(cols, (1, 2, 0))
+
+  return hessian
+
+
+def resolve_loss(loss: str | PerExampleLoss | OutputLoss, argname: str = "loss") -> OutputLoss:
+  """Returns the ``OutputLoss`` for a loss name or a callable ``(outputs, batch) -> (B,)``.
+
+  Raises:
+    ValueError: ``loss`` is neither a known name nor callable.
+  """
+  if isinstance(loss, OutputLoss):
+    return loss
+  if isinstance(loss, str):
+    if loss == "mse":
+      return OutputLoss("mse", _mse_hessian, _mse_sample)
+    if loss == "softmax_cross_entropy":
+      return OutputLoss(loss, _softmax_hessian, _softmax_sample)
+    if loss == "sigmoid_binary_cross_entropy":
+      return OutputLoss(loss, _sigmoid_hessian, _sigmoid_sample)
+    raise ValueError(
+        f"`{argname}` must be one of {LOSS_NAMES} or a callable "
+        f"(outputs, batch) -> per-example losses; got {loss!r}."
+    )
+  if callable(loss):
+    return OutputLoss(getattr(loss, "__name__", "callable"), _callable_hessian(loss), None, loss)
+  raise ValueError(
+      f"`{argname}` must be one of {LOSS_NAMES} or a callable "
+      f"(outputs, batch) -> per-example losses; got {type(loss).__name__}."
+  )
