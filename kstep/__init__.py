@@ -1,5 +1,6 @@
 """kstep: SGD that keeps its noise kernel norm K away from the stochastic edge of stability."""
 
+from kstep.control import ScaleByKControlState, k_controlled_sgd, scale_by_k_control
 from kstep.estimators import (
     BatchSharpness,
     LambdaMax,
@@ -19,5 +20,6 @@ from kstep.noise_kernel import (
     k_high_dim,
     second_moment_growth,
 )
+from kstep.stats import stats
 
 __version__ = "0.1.0"
