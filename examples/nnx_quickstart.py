@@ -12,7 +12,6 @@ import argparse
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 from sklearn.datasets import load_digits
 

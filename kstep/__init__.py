@@ -1,6 +1,14 @@
 """kstep: SGD that keeps its noise kernel norm K away from the stochastic edge of stability."""
 
 from kstep.control import ScaleByKControlState, k_controlled_sgd, scale_by_k_control
+from kstep.diagnostics import (
+    TrackBatchSharpnessState,
+    TrackKState,
+    TrackLambdaMaxState,
+    track_batch_sharpness,
+    track_k,
+    track_lambda_max,
+)
 from kstep.estimators import (
     BatchSharpness,
     LambdaMax,

@@ -37,14 +37,16 @@ ESTIMATORS = ("hutchinson", "exact")
 
 
 class ScaleByKControlState(NamedTuple):
-  """State of :func:`scale_by_k_control`; every field is a scalar array.
+  """State of :func:`scale_by_k_control`; every field but ``key`` is a scalar array.
 
   Attributes:
     count: updates applied so far (int32).
-    key: PRNG key for the probes (folded with ``count`` at each estimate).
+    key: PRNG key for the probes, ``jax.random.PRNGKey(seed)`` (uint32, shape ``(2,)``; folded
+      with ``count`` at each estimate).
     trace: smoothed trace T̄ (0 until the first valid estimate).
     trace_raw: the last valid raw estimate T̂.
-    trace_stderr: standard error of T̄ from the spread of the raw estimates around it.
+    trace_stderr: standard error of T̄ from the spread of the raw estimates around it (0 after
+      the first estimate, which has no spread to measure).
     trace_var: running mean of the squared deviations of T̂ from T̄ (feeds ``trace_stderr``).
     k: K at the step taken by the last update, ``η T̄ / (2 α B)``.
     learning_rate: η actually taken by the last update.
@@ -82,6 +84,11 @@ def _is_number(x: Any) -> bool:
   return isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and x.ndim == 0
 
 
+def _is_python_zero(x: Any) -> bool:
+  """True for a zero given as a Python/NumPy scalar (not an array, concrete or traced)."""
+  return isinstance(x, numbers.Number) and float(x) == 0.0
+
+
 def _check_int(name: str, value: Any) -> None:
   if _is_number(value) and (int(value) != value or value < 1):
     raise ValueError(f"`{name}` must be an integer >= 1; got {value!r}.")
@@ -109,12 +116,14 @@ def _check_momentum(momentum: Any) -> None:
 CROSS_ENTROPY_TRACE_FLOOR = 0.03
 
 
-def _resolve_trace_floor(trace_floor: float | str | None, loss: Any) -> float | None:
-  if trace_floor == "auto":
+def _resolve_trace_floor(trace_floor: float | str | None, loss: Any) -> float | Array | None:
+  if isinstance(trace_floor, str) and trace_floor == "auto":
     named_ce = isinstance(loss, str) and loss.endswith("cross_entropy")
     return CROSS_ENTROPY_TRACE_FLOOR if named_ce else None
   if trace_floor is None:
     return None
+  if isinstance(trace_floor, jax.core.Tracer) and jnp.ndim(trace_floor) == 0:
+    return trace_floor  # injected inside jit (optax.inject_hyperparams): cannot be checked
   if not _is_number(trace_floor) or float(trace_floor) < 0:
     raise ValueError(f'`trace_floor` must be a number >= 0, "auto" or None; got {trace_floor!r}.')
   return trace_floor
@@ -189,6 +198,13 @@ def scale_by_k_control(
   _check_int("batch_size", batch_size)
   _check_int("every", every)
   _check_int("num_probes", num_probes)
+  if isinstance(num_probes, jax.core.Tracer):
+    raise ValueError(
+        "`num_probes` sets the number of probes (a shape) and must be a static Python int; under "
+        "optax.inject_hyperparams list it in `static_args`."
+    )
+  if _is_number(num_probes):
+    num_probes = int(num_probes)
   _check_momentum(momentum)
   if not callable(apply_fn):
     raise ValueError(f"`apply_fn` must be callable apply_fn(params, batch); got {apply_fn!r}.")
@@ -306,16 +322,23 @@ def k_controlled_sgd(
       updates, state = opt.update(grads, state, params, batch=batch)
       kstep.stats(state)["k"]
 
+  Under ``optax.inject_hyperparams``, list ``apply_fn`` (and a callable ``loss``) in
+  ``static_args``: it treats every callable as a schedule. ``num_probes`` must be static too (it is
+  a shape); the other numbers may be injected.
+
   Raises:
     ValueError: at construction, naming the argument that is out of range.
   """
   if _is_number(weight_decay) and float(weight_decay) < 0:
     raise ValueError(f"`weight_decay` must be >= 0; got {weight_decay!r}.")
   _check_momentum(momentum)
+  # Which parts the chain holds must not depend on whether a value is concrete: under
+  # optax.inject_hyperparams `init` sees concrete arrays and a jitted `update` sees tracers, so
+  # only a Python zero (static) drops a part; an array zero keeps it (a no-op) in both.
   parts = []
-  if not (_is_number(weight_decay) and float(weight_decay) == 0.0):
+  if not _is_python_zero(weight_decay):
     parts.append(optax.add_decayed_weights(weight_decay))
-  if not (_is_number(momentum) and float(momentum) == 0.0):
+  if not _is_python_zero(momentum):
     parts.append(optax.trace(decay=momentum, nesterov=nesterov))
   parts.append(
       scale_by_k_control(

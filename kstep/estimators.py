@@ -201,13 +201,12 @@ def gauss_newton_trace(
 
   else:
     apply_p = lambda p: apply_fn(p, batch).reshape(b, -1)
+    flat_params, unravel = ravel_pytree(params)
 
     def probe(k: Array) -> Array:
-      leaves, treedef = jax.tree.flatten(params)
-      ks = jax.random.split(k, len(leaves))
-      z = treedef.unflatten(
-          [jax.random.rademacher(kk, x.shape, dtype=x.dtype) for kk, x in zip(ks, leaves)]
-      )
+      # One draw over all P parameters (a draw per leaf would put one RNG per leaf in the
+      # compiled program, and compile time grows with the number of leaves).
+      z = unravel(jax.random.rademacher(k, flat_params.shape, dtype=flat_params.dtype))
       w = jax.jvp(apply_p, (params,), (z,))[1].astype(jnp.float32)
       return jnp.sum(w * spec.gnvp(out2d, batch, w)) / b
 
@@ -377,7 +376,18 @@ def _top_eigenpair(
     v1, theta1, k1 = _power(matvec, v0, 0.0, num_iters, tol)
 
     def shifted(_):
-      v2, _, k2 = _power(matvec, v1, theta1, num_iters - k1, tol)
+      # Restart from v0 with v1 projected out: v1 is already an eigenvector of H, so started there
+      # the second pass would meet its stopping rule at once and return the negative eigenvalue.
+      def away_from_v1(x):
+        x = x - jnp.vdot(v1, x) * v1
+        return x, jnp.linalg.norm(x)
+
+      w, nw = away_from_v1(v0)
+      w_alt, nw_alt = away_from_v1(jnp.ones_like(v0) / jnp.sqrt(jnp.float32(v0.size)))
+      use_alt = nw < 1e-3
+      w, nw = jnp.where(use_alt, w_alt, w), jnp.where(use_alt, nw_alt, nw)
+      start = jnp.where(nw > 0, w / jnp.where(nw > 0, nw, 1.0), v1)
+      v2, _, k2 = _power(matvec, start, theta1, num_iters - k1, tol)
       return v2, k1 + k2
 
     y, used = jax.lax.cond(theta1 < 0, shifted, lambda _: (v1, k1), None)

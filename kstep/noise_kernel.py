@@ -58,12 +58,12 @@ def _batch_fractions(n: int, batch_size: Any) -> tuple[Array, Array]:
   return b / n, (b - 1.0) / (n - 1.0)
 
 
-def k_matrices(ntk: Array, learning_rate: Any, batch_size: Any) -> tuple[Array, Array]:
-  """The diagonal of A and the matrix B of Theorem 2.1 / eq. 8 (with eq. 32's η² on the β̃ term).
+def _k_terms(ntk: Array, learning_rate: Any, batch_size: Any):
+  """Kept-mode mask, ``1 − A``, ``1 + A`` and ``B`` of Theorem 2.1 (see :func:`k_matrices`).
 
-  ``A = (I − ηΛ)² + (β̃/β − 1) η² Λ²``, ``B = ((1 − β̃)/β) η² Λ C Λ``,
-  ``C_bm = Σ_a V_ab² V_am²``. Modes with λ ≤ 1e-6·λ_max are dropped: they carry no noise
-  (their rows of B vanish) and leave ``I − A`` singular.
+  ``1 − A`` is computed as ``ηλ (2 − (β̃/β) ηλ)`` rather than by subtracting ``A`` from 1: in
+  float32 ``(1 − ηλ)²`` rounds to exactly 1 once ``ηλ ≲ 6e-8`` (small η, or a small eigenvalue),
+  which would make a perfectly stable mode look marginal (``‖A‖ = 1``, K = inf).
   """
   ntk = _f32(ntk)
   n = ntk.shape[0]
@@ -72,11 +72,24 @@ def k_matrices(ntk: Array, learning_rate: Any, batch_size: Any) -> tuple[Array, 
   lam, v = jnp.linalg.eigh((ntk + ntk.T) / 2)
   keep = lam > 1e-6 * jnp.max(jnp.abs(lam))
   lam = jnp.where(keep, lam, 0.0)
-  a = (1.0 - eta * lam) ** 2 + (beta_t / beta - 1.0) * eta**2 * lam**2
+  x = eta * lam
+  one_minus_a = x * (2.0 - beta_t / beta * x)
+  one_plus_a = 2.0 - 2.0 * x + beta_t / beta * x**2
   v2 = v**2
   c = v2.T @ v2
   bmat = (1.0 - beta_t) / beta * eta**2 * lam[:, None] * c * lam[None, :]
-  return jnp.where(keep, a, 0.0), bmat
+  return keep, one_minus_a, one_plus_a, bmat
+
+
+def k_matrices(ntk: Array, learning_rate: Any, batch_size: Any) -> tuple[Array, Array]:
+  """The diagonal of A and the matrix B of Theorem 2.1 / eq. 8 (with eq. 32's η² on the β̃ term).
+
+  ``A = (I − ηΛ)² + (β̃/β − 1) η² Λ²``, ``B = ((1 − β̃)/β) η² Λ C Λ``,
+  ``C_bm = Σ_a V_ab² V_am²``. Modes with λ ≤ 1e-6·λ_max are dropped: they carry no noise
+  (their rows of B vanish) and leave ``I − A`` singular.
+  """
+  keep, one_minus_a, _, bmat = _k_terms(ntk, learning_rate, batch_size)
+  return jnp.where(keep, 1.0 - one_minus_a, 0.0), bmat
 
 
 def k_exact(ntk: Array, learning_rate: Any, batch_size: Any) -> Array:
@@ -85,9 +98,11 @@ def k_exact(ntk: Array, learning_rate: Any, batch_size: Any) -> Array:
   For scalar-output MSE on N examples with empirical NTK ``ntk`` (N×N, small N). Returns
   ``inf`` when ``‖A‖ ≥ 1`` (the first-moment/deterministic dynamics are already unstable).
   """
-  a, bmat = k_matrices(ntk, learning_rate, batch_size)
-  stable = jnp.max(jnp.abs(a)) < 1.0
-  d = jax.lax.rsqrt(jnp.where(stable, 1.0 - a, 1.0))
+  keep, one_minus_a, one_plus_a, bmat = _k_terms(ntk, learning_rate, batch_size)
+  one_minus_a = jnp.where(keep, one_minus_a, 1.0)
+  one_plus_a = jnp.where(keep, one_plus_a, 1.0)
+  stable = jnp.logical_and(jnp.all(one_minus_a > 0), jnp.all(one_plus_a > 0))  # ‖A‖ < 1
+  d = jax.lax.rsqrt(jnp.where(stable, one_minus_a, 1.0))
   m = d[:, None] * bmat * d[None, :]
   value = jnp.linalg.eigvalsh((m + m.T) / 2)[-1]
   return jnp.where(stable, jnp.maximum(value, 0.0), jnp.inf)
@@ -114,29 +129,66 @@ def second_moment_operator(ntk: Array, learning_rate: Any, batch_size: Any):
 
 
 def second_moment_growth(
-    ntk: Array, learning_rate: Any, batch_size: Any, *, max_iters: int = 20000, tol: float = 1e-7
+    ntk: Array, learning_rate: Any, batch_size: Any, *, max_iters: int = 20000, tol: float = 1e-5
 ) -> Array:
   """Largest |eigenvalue| of the second-moment operator T (eq. 26/30): the exact S-EOS test.
 
-  Matrix-free power iteration on N×N matrices (T preserves the PSD cone, so its spectral radius
-  is an eigenvalue with a PSD eigenvector and iterating from the identity converges to it).
-  Above 1, ``E[z_t z_tᵀ]`` diverges; below 1 it converges to 0. Stops when the growth factor
-  changes by less than ``tol`` (relative) or after ``max_iters`` applications.
+  Above 1, ``E[z_t z_tᵀ]`` diverges; below 1 it converges to 0 (exactly 1 when Θ̂ is singular:
+  the residual's component in its null space never moves).
+
+  Matrix-free power iteration on N×N matrices, in the form of eq. 30 conjugated by Λ^{1/2}:
+  with ``W = V Λ^{1/2}`` and ``d_μν = 1 − η(λ_μ + λ_ν) + (β̃/β) η² λ_μ λ_ν``,
+  ``T'(X) = d ∘ X + ((1 − β̃)/β) η² Wᵀ diag(W X Wᵀ) W``. T' has the spectrum of T (for singular
+  Θ̂ both are block-triangular with the same diagonal blocks) but is symmetric, and it preserves
+  the PSD cone, so the spectral radius is its top eigenvalue with a PSD eigenvector. Restricted to
+  diagonal matrices T' is ``A + B`` of eq. 33 (so ``λ_max(A + B) ≤`` the result: K ≥ 1 implies
+  growth ≥ 1); the iteration starts from its top eigenvector as a diagonal matrix, plus some of
+  the identity (which overlaps every PSD eigenvector). The noise term of T' is PSD, so no
+  eigenvalue lies below min d: the iteration applies ``T' − max(min d, 0)``, which has the same
+  top eigenvector and a better ratio to the next one. The estimate is the Rayleigh quotient of
+  T', which never exceeds the spectral radius (up to rounding) and whose error is quadratic in
+  the eigenvector's. (T itself is far from normal: the norm ratio ‖T(S)‖/‖S‖ of a plain iteration
+  can stop 1e-3 away from the answer when the top two eigenvalues are close, as they are at the
+  S-EOS.) Stops when the relative residual ``‖T'X − ρX‖ / ρ`` (with ``‖X‖ = 1``) falls below
+  ``tol`` or after ``max_iters`` applications.
   """
-  apply = second_moment_operator(ntk, learning_rate, batch_size)
-  n = _f32(ntk).shape[0]
+  ntk = _f32(ntk)
+  n = ntk.shape[0]
+  beta, beta_t = _batch_fractions(n, batch_size)
+  eta = _f32(learning_rate)
+  lam, v = jnp.linalg.eigh((ntk + ntk.T) / 2)
+  lam = jnp.maximum(lam, 0.0)
+  x = eta * lam
+  d = 1.0 - (x[:, None] + x[None, :]) + beta_t / beta * x[:, None] * x[None, :]
+  noise = (1.0 - beta_t) / beta * eta**2
+  w = v * jnp.sqrt(lam)[None, :]
+  shift = jnp.maximum(jnp.min(d), 0.0)
+
+  def apply(m: Array) -> Array:
+    q = jnp.sum((w @ m) * w, axis=1)  # diag(W X Wᵀ)
+    t = d * m + noise * (w.T * q[None, :]) @ w
+    return (t + t.T) / 2  # keep rounding from growing an antisymmetric part
 
   def cond(state):
-    k, _, rho, rho_prev = state
-    return jnp.logical_and(k < max_iters, jnp.abs(rho - rho_prev) > tol * jnp.abs(rho))
+    k, _, _, res = state
+    return jnp.logical_and(k < max_iters, res > tol)
 
   def body(state):
-    k, s, rho, _ = state
-    t = apply(s)
-    t = (t + t.T) / 2  # covariances are symmetric; keep rounding from growing an antisymmetric part
-    norm = jnp.linalg.norm(t)
-    return k + 1, t / jnp.where(norm > 0, norm, 1.0), norm, rho
+    k, m, _, _ = state
+    t = apply(m)
+    rho = jnp.sum(m * t)
+    res = jnp.linalg.norm(t - rho * m) / jnp.maximum(jnp.abs(rho), jnp.finfo(jnp.float32).tiny)
+    u = t - shift * m
+    norm = jnp.linalg.norm(u)  # 0 only if m is an eigenvector (res = 0: the loop stops)
+    return k + 1, u / jnp.where(norm > 0, norm, 1.0), rho, res
 
-  s0 = jnp.eye(n, dtype=jnp.float32) / jnp.sqrt(jnp.float32(n))
-  _, _, rho, _ = jax.lax.while_loop(cond, body, (jnp.int32(0), s0, jnp.float32(1.0), jnp.inf))
-  return rho
+  # Start from the top eigenvector p̃ of A + B (eq. 33: T' compressed to diagonal matrices,
+  # symmetric in these coordinates), plus some identity so that no PSD eigenvector is orthogonal.
+  v2 = v**2
+  ab = jnp.diag(jnp.diagonal(d)) + noise * lam[:, None] * (v2.T @ v2) * lam[None, :]
+  p = jnp.abs(jnp.linalg.eigh(ab)[1][:, -1])
+  x0 = jnp.diag(p / jnp.linalg.norm(p) + 0.1 / jnp.sqrt(jnp.float32(n)))
+  x0 = x0 / jnp.linalg.norm(x0)
+  init = (jnp.int32(0), x0, jnp.float32(0.0), jnp.float32(jnp.inf))
+  _, _, rho, _ = jax.lax.while_loop(cond, body, init)
+  return jnp.abs(rho)

@@ -1,0 +1,73 @@
+"""Flax (linen) models of the benchmarks: an MLP and a BatchNorm-free ResNet.
+
+Both are pure functions ``apply(params, x) -> logits``: no batch statistics, so the per-example
+outputs the K controller differentiates do not depend on the rest of the batch.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+ACTIVATIONS: dict[str, Callable] = {
+    "relu": nn.relu, "gelu": nn.gelu, "erf": jax.scipy.special.erf, "tanh": jnp.tanh,
+}
+
+
+class MLP(nn.Module):
+  """Fully connected net: ``depth`` hidden layers of ``width``, then ``num_classes`` outputs."""
+
+  width: int = 256
+  depth: int = 2
+  num_classes: int = 10
+  activation: str = "relu"
+
+  @nn.compact
+  def __call__(self, x):
+    act = ACTIVATIONS[self.activation]
+    x = x.reshape(x.shape[0], -1)
+    for _ in range(self.depth):
+      x = act(nn.Dense(self.width)(x))
+    return nn.Dense(self.num_classes)(x)
+
+
+class BasicBlock(nn.Module):
+  features: int
+  stride: int = 1
+
+  @nn.compact
+  def __call__(self, x):
+    residual = x
+    y = nn.Conv(self.features, (3, 3), (self.stride, self.stride), padding=1, use_bias=False)(x)
+    y = nn.gelu(nn.LayerNorm()(y))
+    y = nn.Conv(self.features, (3, 3), padding=1, use_bias=False)(y)
+    y = nn.LayerNorm()(y)
+    if residual.shape != y.shape:
+      residual = nn.Conv(self.features, (1, 1), (self.stride, self.stride), use_bias=False)(x)
+      residual = nn.LayerNorm()(residual)
+    return nn.gelu(y + residual)
+
+
+class ResNet(nn.Module):
+  """CIFAR ResNet (3x3 stem, no max-pool) with LayerNorm over channels and GELU.
+
+  ``ResNet(width=64, blocks=(2, 2, 2, 2))`` is ResNet-18 (11.2M parameters).
+  """
+
+  width: int = 64
+  blocks: Sequence[int] = (2, 2, 2, 2)
+  num_classes: int = 10
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Conv(self.width, (3, 3), padding=1, use_bias=False)(x)
+    x = nn.gelu(nn.LayerNorm()(x))
+    for stage, n in enumerate(self.blocks):
+      for i in range(n):
+        stride = 2 if stage > 0 and i == 0 else 1
+        x = BasicBlock(self.width * 2**stage, stride)(x)
+    x = jnp.mean(x, axis=(1, 2))
+    return nn.Dense(self.num_classes)(x)

@@ -1,0 +1,104 @@
+"""Where results live, what every JSON records about the machine, and run-level resume/skip."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import pathlib
+import sys
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+
+RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
+
+
+def default_data_dir() -> str | None:
+  return os.environ.get("KSTEP_DATA")
+
+
+def environment() -> dict[str, Any]:
+  """Machine and software facts recorded in every JSON."""
+  dev = jax.devices()[0]
+  return {
+      "device_kind": dev.device_kind,
+      "platform": dev.platform,
+      "num_devices": jax.device_count(),
+      "cpu_count": os.cpu_count(),
+      "jax": jax.__version__,
+      "optax": optax.__version__,
+      "command": "python -m benchmarks " + " ".join(sys.argv[1:]),
+      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+  }
+
+
+def _fmt(x: float) -> str:
+  return f"{x:.4g}"
+
+
+def band_tag(band: tuple[float, float] | None) -> str:
+  return "none" if band is None else f"{_fmt(band[0])}-{_fmt(band[1])}"
+
+
+def run_path(root: pathlib.Path, task: str, scale: str, loss: str, optimizer: str,
+             lr: float | None, seed: int, band: tuple[float, float] | None,
+             steps: int) -> pathlib.Path:
+  """One JSON per run, keyed by task/scale/loss/optimizer/lr/seed/band/steps."""
+  lr_tag = "free" if lr is None else _fmt(lr)
+  name = f"lr={lr_tag}_seed={seed}_band={band_tag(band)}_steps={steps}.json"
+  return root / task / "runs" / scale / loss / optimizer / name
+
+
+def clean(x: Any) -> Any:
+  """JSON-safe copy: arrays to lists, floats rounded to 5 significant digits, NaN/Inf to str."""
+  if isinstance(x, dict):
+    return {str(k): clean(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [clean(v) for v in x]
+  if isinstance(x, (np.ndarray, jax.Array)):
+    return clean(np.asarray(x).tolist())
+  if isinstance(x, (bool, np.bool_)):
+    return bool(x)
+  if isinstance(x, (int, np.integer)):
+    return int(x)
+  if isinstance(x, (float, np.floating)):
+    x = float(x)
+    if not math.isfinite(x):
+      return str(x)
+    return float(f"{x:.5g}")
+  return x
+
+
+def unclean(x: Any) -> Any:
+  if isinstance(x, dict):
+    return {k: unclean(v) for k, v in x.items()}
+  if isinstance(x, list):
+    return [unclean(v) for v in x]
+  if x in ("nan", "inf", "-inf"):
+    return float(x)
+  return x
+
+
+def save_json(path: pathlib.Path, payload: dict[str, Any]) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_suffix(".json.tmp")
+  tmp.write_text(json.dumps(clean(payload), separators=(",", ":")))
+  tmp.replace(path)
+
+
+def load_json(path: pathlib.Path) -> dict[str, Any]:
+  return unclean(json.loads(path.read_text()))
+
+
+def load_runs(root: pathlib.Path, task: str, scale: str, loss: str,
+              steps: int | None = None) -> list[dict[str, Any]]:
+  """Every run JSON of one task/scale/loss (optionally only those with ``steps`` steps)."""
+  base = root / task / "runs" / scale / loss
+  runs = [load_json(p) for p in sorted(base.glob("*/*.json"))]
+  if steps is not None:
+    runs = [r for r in runs if r["config"]["steps"] == steps]
+  return runs

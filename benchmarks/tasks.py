@@ -1,0 +1,168 @@
+"""The trained tasks: data, model and the default sweep of each, at CPU or GPU scale.
+
+A :class:`Problem` is everything :mod:`benchmarks.train` needs: arrays, ``init(key)``,
+``apply(params, x)`` and the loss. Losses: ``"mse"`` is ℓ = ½ Σ_c (f_c − onehot_c)² (kstep's
+``"mse"``, H = I), ``"ce"`` the softmax cross-entropy (kstep's ``"softmax_cross_entropy"``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from benchmarks import models
+
+LOSSES = ("mse", "ce")
+KSTEP_LOSS = {"mse": "mse", "ce": "softmax_cross_entropy"}
+LR_GRID = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0)
+
+
+@dataclasses.dataclass
+class Problem:
+  task: str
+  scale: str  # "CPU", "CPU, reduced" or "GPU, full"
+  loss: str
+  x_train: np.ndarray
+  y_train: np.ndarray  # int labels
+  x_test: np.ndarray
+  y_test: np.ndarray
+  init: Callable[[jax.Array], Any]
+  apply: Callable[[Any, jax.Array], jax.Array]
+  batch_size: int
+  steps: int
+  notes: str = ""
+  num_classes: int = 10
+
+  def per_example_loss(self, logits: jax.Array, y: jax.Array) -> jax.Array:
+    onehot = jax.nn.one_hot(y, self.num_classes, dtype=logits.dtype)
+    if self.loss == "mse":
+      return 0.5 * jnp.sum(jnp.square(logits - onehot), axis=-1)
+    return optax.softmax_cross_entropy(logits, onehot)
+
+
+@dataclasses.dataclass(frozen=True)
+class Defaults:
+  """The default sweep of a task at one scale (every field can be overridden on the CLI)."""
+
+  steps: int
+  batch_size: int
+  lrs: tuple[float, ...] = LR_GRID
+  seeds: tuple[int, ...] = (0, 1, 2)
+  losses: tuple[str, ...] = LOSSES
+  band_lrs: tuple[float, ...] = (1e-3, 3.0)
+  band_seeds: tuple[int, ...] = (0, 1, 2)
+
+
+def _model_problem(task, scale, loss, data, model, batch_size, steps, notes) -> Problem:
+  x_train, y_train, x_test, y_test = data
+  return Problem(
+      task=task, scale=scale, loss=loss, x_train=x_train, y_train=y_train, x_test=x_test,
+      y_test=y_test, init=lambda key: model.init(key, jnp.asarray(x_train[:1])),
+      apply=model.apply, batch_size=batch_size, steps=steps, notes=notes,
+  )
+
+
+def _digits() -> tuple[np.ndarray, ...]:
+  from sklearn.datasets import load_digits
+
+  x, y = load_digits(return_X_y=True)
+  x = (x / 16.0).astype(np.float32)
+  perm = np.random.default_rng(0).permutation(len(x))
+  x, y = x[perm], y[perm].astype(np.int32)
+  return x[:1400], y[:1400], x[1400:], y[1400:]
+
+
+def _npz(data_dir: str | None, name: str) -> Any:
+  if data_dir is None:
+    raise SystemExit(f"{name} needs --data-dir (or KSTEP_DATA) pointing at a folder with {name}")
+  path = pathlib.Path(data_dir) / name
+  if not path.exists():
+    raise SystemExit(f"{path} not found (see the README for the data files)")
+  return np.load(path)
+
+
+def _standardize(x_train: np.ndarray, x_test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  mean, std = x_train.mean(0), x_train.std(0) + 1e-3
+  return ((x_train - mean) / std).astype(np.float32), ((x_test - mean) / std).astype(np.float32)
+
+
+def _mnist(data_dir: str | None, num_train: int) -> tuple[np.ndarray, ...]:
+  d = _npz(data_dir, "mnist.npz")
+  x_train = d["x_train"].reshape(-1, 784).astype(np.float32) / 255.0
+  x_test = d["x_test"].reshape(-1, 784).astype(np.float32) / 255.0
+  idx = np.random.default_rng(0).permutation(len(x_train))[:num_train]
+  x_train, y_train = x_train[idx], d["y_train"][idx].astype(np.int32)
+  x_train, x_test = _standardize(x_train, x_test)
+  return x_train, y_train, x_test, d["y_test"].astype(np.int32)
+
+
+def _pool(x: np.ndarray, factor: int) -> np.ndarray:
+  """Average-pools images ``(N, H, W, C)`` by ``factor`` (CPU-reduced CIFAR: 32x32 -> 16x16)."""
+  if factor == 1:
+    return x
+  n, h, w, c = x.shape
+  return x.reshape(n, h // factor, factor, w // factor, factor, c).mean((2, 4))
+
+
+def _cifar(data_dir: str | None, downsample: int = 1) -> tuple[np.ndarray, ...]:
+  d = _npz(data_dir, "cifar10_subset.npz")
+  x_train = _pool(d["x_train"].astype(np.float32) / 255.0, downsample)
+  x_test = _pool(d["x_test"].astype(np.float32) / 255.0, downsample)
+  mean, std = x_train.mean((0, 1, 2)), x_train.std((0, 1, 2))
+  x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
+  return (x_train.astype(np.float32), d["y_train"].astype(np.int32), x_test.astype(np.float32),
+          d["y_test"].astype(np.int32))
+
+
+CIFAR_NOTE = ("CIFAR-10 subset (10k train / 2k test) decoded from a public JPEG copy of CIFAR-10 "
+              "(quality ~75): real images, slightly degraded, not bit-exact")
+
+DEFAULTS: dict[tuple[str, str], Defaults] = {
+    ("digits_mlp", "cpu"): Defaults(steps=500, batch_size=64),
+    ("mnist_mlp", "cpu"): Defaults(steps=1000, batch_size=128, band_seeds=(0,)),
+    ("cifar10_resnet18", "cpu"): Defaults(steps=200, batch_size=32, seeds=(0,),
+                                          band_seeds=(0,)),
+    ("cifar10_resnet18", "gpu"): Defaults(steps=1560, batch_size=128),
+}
+TASKS = ("digits_mlp", "mnist_mlp", "cifar10_resnet18")
+
+
+def defaults(task: str, scale: str) -> Defaults:
+  if (task, scale) not in DEFAULTS:
+    scale = "cpu"
+  return DEFAULTS[(task, scale)]
+
+
+def load(task: str, loss: str, *, scale: str = "cpu", data_dir: str | None = None,
+         steps: int | None = None, batch_size: int | None = None) -> Problem:
+  """Builds the :class:`Problem` of ``task`` with ``loss`` at ``scale`` ("cpu" or "gpu")."""
+  if loss not in LOSSES:
+    raise ValueError(f"loss must be one of {LOSSES}; got {loss!r}")
+  d = defaults(task, scale)
+  steps, batch_size = steps or d.steps, batch_size or d.batch_size
+  if task == "digits_mlp":
+    model = models.MLP(width=128, depth=2, activation="relu")
+    return _model_problem(task, "CPU", loss, _digits(), model, batch_size, steps,
+                          "scikit-learn digits 8x8, 1400 train / 397 test, MLP 128-128 ReLU")
+  if task == "mnist_mlp":
+    model = models.MLP(width=256, depth=2, activation="erf")
+    return _model_problem(task, "CPU", loss, _mnist(data_dir, 10_000), model, batch_size, steps,
+                          "MNIST, 10k-example train subset, full 10k test; FCN 256-256 erf "
+                          "(K paper §4.1)")
+  if task == "cifar10_resnet18":
+    if scale == "gpu":
+      model, label, pool = models.ResNet(width=64, blocks=(2, 2, 2, 2)), "GPU, full", 1
+      arch = "ResNet-18 (width 64, blocks 2-2-2-2), LayerNorm, GELU, 32x32 images"
+    else:
+      model, label, pool = models.ResNet(width=8, blocks=(1, 1, 1)), "CPU, reduced", 2
+      arch = ("reduced ResNet (width 8, blocks 1-1-1), LayerNorm, GELU, images average-pooled "
+              "to 16x16")
+    return _model_problem(task, label, loss, _cifar(data_dir, pool), model, batch_size, steps,
+                          f"{CIFAR_NOTE}; {arch}")
+  raise ValueError(f"unknown task {task!r}; one of {TASKS} or linreg")

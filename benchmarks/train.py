@@ -1,0 +1,145 @@
+"""One training run: a jitted ``lax.scan`` over chunks of steps, trajectories every few steps.
+
+Every optimizer sees the same init (``PRNGKey(seed)``), the same data order (epochs of a
+permutation drawn from ``seed``) and the same number of steps. Base LR, band and seed enter the
+jitted functions as arguments, so a sweep compiles once per (task, loss, optimizer).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from benchmarks import optimizers
+from benchmarks.tasks import KSTEP_LOSS, Problem
+
+NUM_POINTS = 50  # recorded points per trajectory
+EVAL_TRAIN = 5000  # training examples the final train loss is measured on
+
+
+def data_order(seed: int, num_train: int, steps: int, batch_size: int) -> np.ndarray:
+  """``(steps, batch_size)`` indices: epochs of a permutation, the same for every optimizer."""
+  rng = np.random.default_rng(10_000 + seed)
+  per_epoch = num_train // batch_size
+  epochs = -(-steps // per_epoch)
+  idx = [rng.permutation(num_train)[: per_epoch * batch_size].reshape(per_epoch, batch_size)
+         for _ in range(epochs)]
+  return np.concatenate(idx)[:steps].astype(np.int32)
+
+
+class Runner:
+  """Jitted init / chunk / eval functions of one (problem, optimizer); reused across a sweep."""
+
+  def __init__(self, problem: Problem, name: str, steps: int | None = None):
+    self.p, self.name = problem, name
+    self.steps = steps or problem.steps
+    self.x_train, self.y_train = jnp.asarray(problem.x_train), jnp.asarray(problem.y_train)
+    self.x_test, self.y_test = jnp.asarray(problem.x_test), jnp.asarray(problem.y_test)
+    self._init = jax.jit(self._init_impl)
+    self._chunk = jax.jit(self._chunk_impl)
+    self._eval = jax.jit(self._eval_impl)
+
+  def optimizer(self, lr, band, seed) -> optax.GradientTransformationExtraArgs:
+    apply_fn = lambda params, batch: self.p.apply(params, batch["x"])
+    return optimizers.make(self.name, lr, steps=self.steps, apply_fn=apply_fn,
+                           loss=KSTEP_LOSS[self.p.loss], batch_size=self.p.batch_size,
+                           band=band, seed=seed)
+
+  def loss_fn(self, params, batch):
+    return jnp.mean(self.p.per_example_loss(self.p.apply(params, batch["x"]), batch["y"]))
+
+  def _init_impl(self, seed, lr, band):
+    params = self.p.init(jax.random.PRNGKey(seed))
+    return params, self.optimizer(lr, band, seed).init(params)
+
+  def _chunk_impl(self, params, state, idx, start, lr, band, seed, x_train, y_train):
+    opt = self.optimizer(lr, band, seed)
+
+    def body(carry, inp):
+      params, state = carry
+      t, i = inp
+      batch = {"x": x_train[i], "y": y_train[i]}
+      loss, grads = jax.value_and_grad(self.loss_fn)(params, batch)
+      updates, state = opt.update(grads, state, params, batch=batch)
+      params = optax.apply_updates(params, updates)
+      rec = optimizers.record(self.name, state, lr, self.steps, t)
+      return (params, state), {"loss": loss, **rec}
+
+    steps = start + jnp.arange(idx.shape[0])
+    return jax.lax.scan(body, (params, state), (steps, idx))
+
+  def _eval_impl(self, params, state, x_train, y_train, x_test, y_test):
+    params = optimizers.eval_params(self.name, state, params)
+
+    def metrics(x, y, chunk):
+      n = (x.shape[0] // chunk) * chunk
+      xs = x[:n].reshape(-1, chunk, *x.shape[1:])
+      ys = y[:n].reshape(-1, chunk)
+
+      def one(xy):
+        logits = self.p.apply(params, xy[0])
+        return (jnp.sum(self.p.per_example_loss(logits, xy[1])),
+                jnp.sum(jnp.argmax(logits, -1) == xy[1]))
+
+      loss, correct = jax.lax.map(one, (xs, ys))
+      return jnp.sum(loss) / n, jnp.sum(correct) / n
+
+    train_loss, train_acc = metrics(x_train[:EVAL_TRAIN], y_train[:EVAL_TRAIN], 500)
+    test_loss, test_acc = metrics(x_test, y_test, 500 if x_test.shape[0] % 500 == 0 else 397)
+    return {"train_loss": train_loss, "train_acc": train_acc, "test_loss": test_loss,
+            "test_acc": test_acc}
+
+  def run(self, lr: float | None, seed: int, band=optimizers.DEFAULT_BAND,
+          progress: bool = False) -> dict[str, Any]:
+    """Trains one run; stops early (``diverged``) once the batch loss is not finite."""
+    t0 = time.perf_counter()
+    lr_val = jnp.float32(1.0 if lr is None else lr)
+    band_val = jnp.asarray(band if band is not None else optimizers.DEFAULT_BAND, jnp.float32)
+    seed_val = jnp.int32(seed)
+    params, state = self._init(seed_val, lr_val, band_val)
+    order = data_order(seed, len(self.p.x_train), self.steps, self.p.batch_size)
+    every = max(self.steps // NUM_POINTS, 1)
+    chunk = max(every, (self.steps // 10) // every * every)
+    outs, diverged, done = [], False, 0
+    for start in tqdm(range(0, self.steps, chunk), desc=f"{self.name} lr={lr}", leave=False,
+                      disable=not progress):
+      idx = jnp.asarray(order[start:start + chunk])
+      (params, state), out = self._chunk(params, state, idx, jnp.int32(start), lr_val, band_val,
+                                         seed_val, self.x_train, self.y_train)
+      out = jax.device_get(out)
+      outs.append(out)
+      done = start + idx.shape[0]
+      if not np.all(np.isfinite(out["loss"])):
+        diverged = True
+        break
+    traj = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+    final = jax.device_get(self._eval(params, state, self.x_train, self.y_train, self.x_test,
+                                      self.y_test))
+    final = {k: float(v) for k, v in final.items()}
+    diverged = diverged or not np.isfinite(final["train_loss"])
+    return {
+        "summary": {**final, "diverged": diverged, "steps_done": done,
+                    "wall_s": time.perf_counter() - t0},
+        "trajectory": downsample(traj, every, self.steps),
+    }
+
+
+def downsample(traj: dict[str, np.ndarray], every: int, steps: int) -> dict[str, list]:
+  """Window means over every ``every`` steps (NaN past an early stop, inf once it blew up)."""
+  n = steps // every
+  out = {"step": [(i + 1) * every for i in range(n)]}
+  for key, values in traj.items():
+    padded = np.full(n * every, np.nan, np.float32)
+    m = min(len(values), n * every)
+    padded[:m] = values[:m]
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+      warnings.simplefilter("ignore", RuntimeWarning)
+      out[key] = np.nanmean(padded.reshape(n, every), axis=1).tolist()
+  return out

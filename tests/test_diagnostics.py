@@ -1,0 +1,461 @@
+"""Tests of kstep.diagnostics: pass-through, values vs dense references, jit hygiene, EoSS."""
+
+import importlib.util
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.flatten_util import ravel_pytree
+
+import kstep
+from kstep import estimators, noise_kernel
+
+SIZES = (4, 6, 3)  # P = 4·6 + 6 + 6·3 + 3 = 51
+
+
+def init_mlp(seed, sizes=SIZES):
+  rng = np.random.default_rng(seed)
+  return [
+      {"w": jnp.asarray(rng.standard_normal((fan_in, fan_out)) / np.sqrt(fan_in), jnp.float32),
+       "b": jnp.asarray(0.1 * rng.standard_normal(fan_out), jnp.float32)}
+      for fan_in, fan_out in zip(sizes[:-1], sizes[1:])
+  ]
+
+
+def apply_fn(params, batch):
+  h = batch["x"]
+  for layer in params[:-1]:
+    h = jnp.tanh(h @ layer["w"] + layer["b"])
+  return h @ params[-1]["w"] + params[-1]["b"]
+
+
+def loss_fn(params, batch):
+  """½‖f − y‖² averaged over the batch (kstep's "mse" convention)."""
+  return 0.5 * jnp.mean(jnp.sum(jnp.square(apply_fn(params, batch) - batch["y"]), axis=-1))
+
+
+def make_batches(num, batch_size, seed=0):
+  rng = np.random.default_rng(seed)
+  return [
+      {"x": jnp.asarray(rng.standard_normal((batch_size, SIZES[0])), jnp.float32),
+       "y": jnp.asarray(rng.standard_normal((batch_size, SIZES[-1])), jnp.float32)}
+      for _ in range(num)
+  ]
+
+
+@jax.jit
+def dense_hessian(params, batch):
+  flat, unravel = ravel_pytree(params)
+  return jax.hessian(lambda f: loss_fn(unravel(f), batch))(flat)
+
+
+def run(opt, params, batches, **extra):
+  """Jitted SGD loop; returns the params after each step and the final state."""
+  state = opt.init(params)
+
+  @jax.jit
+  def step(params, state, batch):
+    grads = jax.grad(loss_fn)(params, batch)
+    updates, state = opt.update(grads, state, params, batch=batch, **extra)
+    return optax.apply_updates(params, updates), state
+
+  history = [params]
+  for batch in batches:
+    params, state = step(params, state, batch)
+    history.append(params)
+  return history, state
+
+
+def diagnostics(lr=0.1):
+  return [
+      kstep.track_lambda_max(loss_fn, every=2, num_iters=30, tol=1e-5),
+      kstep.track_batch_sharpness(loss_fn, every=2, learning_rate=lr),
+      kstep.track_k(apply_fn, batch_size=8, learning_rate=lr, every=2, num_probes=2),
+  ]
+
+
+LR = optax.cosine_decay_schedule(0.1, 10)
+
+
+@pytest.fixture(scope="module")
+def params():
+  return init_mlp(42)
+
+
+@pytest.fixture(scope="module")
+def batches():
+  return [jax.device_put(b) for b in make_batches(5, 8)]  # measurements on steps 0, 2, 4
+
+
+@pytest.fixture(scope="module")
+def fixed():
+  return jax.device_put(make_batches(1, 16, seed=7)[0])  # track_lambda_max's measure_batch
+
+
+@pytest.fixture(scope="module")
+def reference(params, batches):
+  return run(optax.sgd(LR, momentum=0.9), params, batches)[0]
+
+
+LAM, BS, K = 0, 2, 3  # positions of the diagnostics' states in `chained`
+
+
+@pytest.fixture(scope="module")
+def chained(params, batches, fixed):
+  """λ_max (on ``fixed``) before optax.sgd, Batch Sharpness and K after it; five jitted steps
+  under a transfer guard."""
+  lam, bs, k = diagnostics(LR)
+  opt = optax.chain(lam, optax.sgd(LR, momentum=0.9), bs, k)
+  params = jax.device_put(params)
+  state0 = opt.init(params)
+
+  @jax.jit
+  def step(params, state, batch):
+    grads = jax.grad(loss_fn)(params, batch)
+    updates, state = opt.update(grads, state, params, batch=batch, measure_batch=fixed)
+    return optax.apply_updates(params, updates), state
+
+  history, states = [params], [state0]
+  with jax.transfer_guard("disallow"):  # no implicit host<->device transfer in the update
+    for batch in batches:
+      p, s = step(history[-1], states[-1], batch)
+      history.append(p)
+      states.append(s)
+    jax.block_until_ready(states[-1])
+  return {"history": history, "states": states, "step": step}
+
+
+# ---------------------------------------------------------------------------------------------
+# Pass-through and jit hygiene.
+
+
+def test_updates_bitwise_identical(reference, chained):
+  # Same params after every step (measurement steps 0, 2, 4 and the others) as plain optax.sgd.
+  for a, b in zip(reference, chained["history"]):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_no_recompilation_and_stable_state(chained):
+  assert chained["step"]._cache_size() == 1
+  state0 = chained["states"][0]
+  for state in chained["states"][1:]:
+    assert jax.tree.structure(state) == jax.tree.structure(state0)
+    for a, b in zip(jax.tree.leaves(state0), jax.tree.leaves(state)):
+      assert a.dtype == b.dtype and a.shape == b.shape
+      assert getattr(a, "weak_type", False) == getattr(b, "weak_type", False)
+  for sub in (state0[LAM], state0[BS], state0[K]):
+    for name in type(sub).STATS_FIELDS:
+      assert getattr(sub, name).shape == ()
+
+
+def test_stats_and_tree_get(chained):
+  state = chained["states"][-1]
+  s = kstep.stats(state)
+  assert set(s) == {n for i in (LAM, BS, K) for n in type(state[i]).STATS_FIELDS}
+  for name, value in s.items():
+    np.testing.assert_array_equal(optax.tree.get(state, name), value)
+    if "stderr" not in name:
+      assert np.all(np.isfinite(value)), name
+  assert int(s["lambda_max_num_measurements"]) == 3
+  assert int(s["batch_sharpness_num_measurements"]) == 3
+  assert int(s["k_num_measurements"]) == 3
+
+
+def test_track_k_beside_controller_collides_in_stats(params):
+  opt = optax.chain(
+      kstep.k_controlled_sgd(0.1, batch_size=8, apply_fn=apply_fn, momentum=0.0),
+      kstep.track_k(apply_fn, batch_size=8, learning_rate=0.1),
+  )
+  state = opt.init(params)
+  with pytest.raises(ValueError, match="'k'"):
+    kstep.stats(state)
+  assert optax.tree.get(state[1], "k") == 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Values against dense references.
+
+
+def test_lambda_max_on_measure_batch_matches_dense_hessian(chained, fixed):
+  # The last measurement (step 4) was on the fixed batch at the params before update 4.
+  state = chained["states"][-1][LAM]
+  h = np.asarray(dense_hessian(chained["history"][4], fixed), np.float64)
+  evals, evecs = np.linalg.eigh(h)
+  np.testing.assert_allclose(state.lambda_max, evals[-1], rtol=1e-3)
+  assert state.lambda_max_residual < 1e-3 * abs(evals[-1])
+  assert int(state.lambda_max_num_measurements) == 3
+  ev = ravel_pytree(state.eigenvector)[0]
+  assert ev.dtype == jnp.float32
+  np.testing.assert_allclose(jnp.linalg.norm(ev), 1.0, rtol=1e-5)
+  np.testing.assert_allclose(abs(ev @ evecs[:, -1]), 1.0, atol=1e-3)
+
+
+def test_warm_start_reduces_iterations(chained):
+  # Measurements on steps 0, 2, 4: the first solve starts from a random unit vector, the next
+  # ones from the previous eigenvector.
+  iters = [int(s[LAM].lambda_max_iters) for s in chained["states"][1::2]]
+  assert max(iters[1:]) < iters[0], iters
+
+
+def test_lambda_max_finds_algebraic_top_when_most_negative_dominates():
+  # Quadratic loss with spectrum {-5, 1, 2}: λ_max is 2, not the largest |λ|.
+  h = jnp.diag(jnp.array([-5.0, 1.0, 2.0]))
+  quad = lambda p, batch: 0.5 * p @ h @ p + 0.0 * jnp.sum(batch)
+  for method in ("lanczos", "power"):
+    opt = kstep.track_lambda_max(quad, every=1, num_iters=200, method=method, tol=1e-6)
+    p = jnp.array([1.0, 1.0, 1.0])
+    _, state = jax.jit(lambda s: opt.update(p, s, p, batch=jnp.zeros(2)))(opt.init(p))
+    np.testing.assert_allclose(state.lambda_max, 2.0, rtol=1e-4)
+
+
+@jax.jit
+def _explicit_curvature(params, batch):
+  g = ravel_pytree(jax.grad(loss_fn)(params, batch))[0]
+  return g @ dense_hessian(params, batch) @ g, g @ g
+
+
+def _explicit_curvatures(history, batches):
+  pairs = [_explicit_curvature(p, batch) for p, batch in zip(history, batches)]
+  return np.array([float(n) for n, _ in pairs]), np.array([float(d) for _, d in pairs])
+
+
+def test_batch_sharpness_matches_explicit_hessians(params):
+  batches = make_batches(6, 8)
+  lr = 0.3
+  opt = optax.chain(
+      optax.sgd(lr), kstep.track_batch_sharpness(loss_fn, every=1, learning_rate=lr, decay=None)
+  )
+  history, state = run(opt, params, batches)
+  num, den = _explicit_curvatures(history[:-1], batches)
+  s = kstep.stats(state)
+  # EoSS Definition 1: ratio of means, with the delta-method stderr of the core estimator.
+  value, stderr = estimators.ratio_of_means(jnp.asarray(num), jnp.asarray(den))
+  np.testing.assert_allclose(s["batch_sharpness"], num.mean() / den.mean(), rtol=1e-4)
+  np.testing.assert_allclose(s["batch_sharpness"], value, rtol=1e-4)
+  np.testing.assert_allclose(s["batch_sharpness_stderr"], stderr, rtol=1e-3)
+  ratios = num / den
+  mean, se = estimators.mean_and_stderr(jnp.asarray(ratios))
+  np.testing.assert_allclose(s["batch_sharpness_mean_of_ratios"], mean, rtol=1e-4)
+  np.testing.assert_allclose(s["batch_sharpness_mean_of_ratios_stderr"], se, rtol=1e-3)
+  np.testing.assert_allclose(s["batch_sharpness_last"], ratios[-1], rtol=1e-4)
+  np.testing.assert_allclose(s["edge_ratio"], lr * num.mean() / den.mean() / 2, rtol=1e-4)
+  assert int(s["batch_sharpness_num_measurements"]) == 6
+
+
+def test_batch_sharpness_ema_and_schedule(params):
+  batches = make_batches(7, 8)
+  decay, every = 0.6, 3  # measurements at steps 0, 3, 6
+  lr = optax.linear_schedule(0.2, 0.02, 7)
+  opt = optax.chain(
+      optax.sgd(lr),
+      kstep.track_batch_sharpness(loss_fn, every=every, learning_rate=lr, decay=decay),
+  )
+  history, state = run(opt, params, batches)
+  steps = [0, 3, 6]
+  num, den = _explicit_curvatures([history[t] for t in steps], [batches[t] for t in steps])
+  w = decay ** np.arange(len(steps))[::-1]
+  bs = np.sum(w * num) / np.sum(w * den)
+  s = kstep.stats(state)
+  np.testing.assert_allclose(s["batch_sharpness"], bs, rtol=1e-4)
+  np.testing.assert_allclose(
+      s["batch_sharpness_mean_of_ratios"], np.sum(w * num / den) / np.sum(w), rtol=1e-4
+  )
+  # Reliability-weighted variance of the ratios and the stderr of their weighted mean.
+  r = num / den
+  m = np.sum(w * r) / np.sum(w)
+  var = np.sum(w * (r - m) ** 2) / (np.sum(w) - np.sum(w**2) / np.sum(w))
+  np.testing.assert_allclose(
+      s["batch_sharpness_mean_of_ratios_stderr"], np.sqrt(var * np.sum(w**2)) / np.sum(w),
+      rtol=1e-3,
+  )
+  np.testing.assert_allclose(s["edge_ratio"], float(lr(6)) * bs / 2, rtol=1e-4)
+
+
+@jax.jit
+def _exact_ntk_trace(params, batch):
+  """(1/B) Σ_i ‖J_i‖²_F from explicit per-example Jacobians (dense (B, C, P))."""
+  flat, unravel = ravel_pytree(params)
+
+  def one(x):
+    return jax.jacrev(lambda f: apply_fn(unravel(f), {"x": x[None]})[0])(flat)
+
+  jac = jax.vmap(one)(batch["x"])
+  return jnp.sum(jac**2) / batch["x"].shape[0]
+
+
+def test_k_matches_k_from_trace_with_exact_trace(params):
+  batches = make_batches(5, 8)
+  momentum = 0.9
+  lr = optax.cosine_decay_schedule(0.1, 5)
+  opt = optax.chain(
+      kstep.track_k(apply_fn, batch_size=8, learning_rate=lr, momentum=momentum, every=3,
+                    estimator="exact", decay=0.0),
+      optax.sgd(lr, momentum=momentum),
+  )
+  state = opt.init(params)
+  step = jax.jit(lambda p, s, b: opt.update(jax.grad(loss_fn)(p, b), s, p, batch=b))
+  p = params
+  for t, batch in enumerate(batches):
+    if t % 3 == 0:
+      trace = _exact_ntk_trace(p, batch)
+    updates, state = step(p, state, batch)
+    p = optax.apply_updates(p, updates)
+    s = kstep.stats(state)
+    np.testing.assert_allclose(s["k_trace"], trace, rtol=1e-4)
+    np.testing.assert_allclose(s["k_learning_rate"], lr(t), rtol=1e-6)
+    expected = noise_kernel.k_from_trace(lr(t), 8, trace, momentum)
+    np.testing.assert_allclose(s["k"], expected, rtol=1e-4)
+  assert int(s["k_num_measurements"]) == 2
+
+
+def test_k_hutchinson_agrees_with_core_estimator(chained, batches):
+  # `chained` measured on step 4 (batch 4, params before update 4) with key fold_in(seed 0, 4).
+  state = chained["states"][-1][K]
+  key = jax.random.fold_in(jax.random.PRNGKey(0), 4)
+  core = jax.jit(lambda p, b: estimators.gauss_newton_trace(apply_fn, p, b, key=key,
+                                                            num_probes=2))(
+      chained["history"][4], batches[4])
+  np.testing.assert_allclose(state.k_trace_raw, core.value, rtol=1e-5)
+  expected = noise_kernel.k_from_trace(LR(4), 8, state.k_trace, 0.0)
+  np.testing.assert_allclose(state.k, expected, rtol=1e-5)
+  np.testing.assert_allclose(state.k_learning_rate, LR(4), rtol=1e-6)
+
+
+def test_eigenvector_float32_for_bf16_params(params):
+  p16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+  state = kstep.track_lambda_max(loss_fn, every=1).init(p16)
+  assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(state.eigenvector))
+  assert jax.tree.structure(state.eigenvector) == jax.tree.structure(p16)
+  np.testing.assert_allclose(jnp.linalg.norm(ravel_pytree(state.eigenvector)[0]), 1.0, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Failure handling and argument checks.
+
+
+def test_non_finite_measurements_are_skipped(params):
+  batches = make_batches(3, 8)
+  batches[1] = {"x": batches[1]["x"].at[0, 0].set(jnp.nan), "y": batches[1]["y"]}
+  grads = jax.jit(jax.grad(loss_fn))(params, batches[0])  # finite: the updates stay finite
+  opt = optax.chain(
+      optax.sgd(0.0),  # params fixed: the finite measurements agree
+      kstep.track_lambda_max(loss_fn, every=1, num_iters=51, tol=1e-5, warm_start=False),
+      kstep.track_batch_sharpness(loss_fn, every=1, decay=None, learning_rate=0.1),
+      kstep.track_k(apply_fn, batch_size=8, learning_rate=0.1, every=1),
+  )
+  state = opt.init(params)
+  step = jax.jit(lambda s, b: opt.update(grads, s, params, batch=b))
+  after = []
+  for batch in batches:
+    updates, state = step(state, batch)
+    assert all(np.all(np.isfinite(u)) for u in jax.tree.leaves(updates))
+    after.append(jax.device_get(kstep.stats(state)))
+  for name in ("lambda_max", "batch_sharpness", "edge_ratio", "k", "k_trace"):
+    assert after[1][name] == after[0][name], name
+    assert np.isfinite(after[2][name]), name
+  for prefix in ("lambda_max", "batch_sharpness", "k"):
+    assert after[2][f"{prefix}_num_skipped"] == 1
+    assert after[2][f"{prefix}_num_measurements"] == 2
+  assert np.all(np.isfinite(ravel_pytree(state[1].eigenvector)[0]))
+  # Cold solves on the current batch: the dense answer.
+  for t in (0, 2):
+    top = np.linalg.eigvalsh(np.asarray(dense_hessian(params, batches[t]), np.float64))[-1]
+    np.testing.assert_allclose(after[t]["lambda_max"], top, rtol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "make, arg",
+    [
+        (lambda: kstep.track_lambda_max(loss_fn, every=0), "every"),
+        (lambda: kstep.track_lambda_max(loss_fn, every=1.5), "every"),
+        (lambda: kstep.track_lambda_max(loss_fn, every=1, num_iters=0), "num_iters"),
+        (lambda: kstep.track_lambda_max(loss_fn, every=1, method="arnoldi"), "method"),
+        (lambda: kstep.track_lambda_max(loss_fn, every=1, tol=0.0), "tol"),
+        (lambda: kstep.track_lambda_max(loss_fn, every=1, warm_start=1), "warm_start"),
+        (lambda: kstep.track_lambda_max(loss_fn, every=1, seed="a"), "seed"),
+        (lambda: kstep.track_lambda_max("loss", every=1), "loss_fn"),
+        (lambda: kstep.track_batch_sharpness(loss_fn, every=-1), "every"),
+        (lambda: kstep.track_batch_sharpness(loss_fn, every=1, learning_rate=0.0),
+         "learning_rate"),
+        (lambda: kstep.track_batch_sharpness(loss_fn, every=1, decay=1.0), "decay"),
+        (lambda: kstep.track_batch_sharpness(None, every=1), "loss_fn"),
+        (lambda: kstep.track_k(apply_fn, batch_size=0, learning_rate=0.1), "batch_size"),
+        (lambda: kstep.track_k(apply_fn, batch_size=8, learning_rate=-1.0), "learning_rate"),
+        (lambda: kstep.track_k(apply_fn, batch_size=8, learning_rate=None), "learning_rate"),
+        (lambda: kstep.track_k(apply_fn, batch_size=8, learning_rate=0.1, momentum=1.0),
+         "momentum"),
+        (lambda: kstep.track_k(apply_fn, batch_size=8, learning_rate=0.1, every=0), "every"),
+        (lambda: kstep.track_k(apply_fn, batch_size=8, learning_rate=0.1, num_probes=0),
+         "num_probes"),
+        (lambda: kstep.track_k(apply_fn, batch_size=8, learning_rate=0.1, estimator="x"),
+         "estimator"),
+        (lambda: kstep.track_k(apply_fn, batch_size=8, learning_rate=0.1, loss="l1"), "loss"),
+        (lambda: kstep.track_k(apply_fn, batch_size=8, learning_rate=0.1, decay=-0.1), "decay"),
+        (lambda: kstep.track_k(None, batch_size=8, learning_rate=0.1), "apply_fn"),
+    ],
+)
+def test_bad_arguments_raise_at_construction(make, arg):
+  with pytest.raises(ValueError, match=f"`{arg}`"):
+    make()
+
+
+@pytest.mark.parametrize("index", [0, 1, 2])
+def test_missing_batch_or_params_raise(params, index):
+  opt = diagnostics()[index]
+  state = opt.init(params)
+  with pytest.raises(ValueError, match="batch="):
+    opt.update(params, state, params)
+  with pytest.raises(ValueError, match="params"):
+    opt.update(params, state, batch=make_batches(1, 8)[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# The EoS / EoSS claims, with the example's training code.
+
+
+def _example():
+  path = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "edge_of_stability.py")
+  spec = importlib.util.spec_from_file_location("edge_of_stability", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_eoss_short():
+  """EoSS, short: SGD (B = 16) drives Batch Sharpness to 2/η while λ_max stays far below."""
+  eos = _example()
+  lr = 0.4
+  data = eos.make_data(500, kind="random", dim=256)
+  rec = eos.train(data, learning_rate=lr, batch_size=16, steps=1500, log_every=100,
+                  lambda_every=500)
+  s = eos.summarize(rec, lr, tail=1 / 3)  # last 500 steps; seeds 0-2: 0.97-0.99 and 0.37-0.38
+  assert 0.75 <= s["batch_sharpness/edge"] <= 1.25, s
+  assert s["lambda_max/edge"] < 0.75, s
+  assert np.all(rec["lambda_max"][-5:] < 2.0 / lr)
+
+
+@pytest.mark.slow
+def test_eos_and_eoss_example_settings():
+  """The example's default settings: EoS under GD, EoSS for B = 8, 16, 32 (a few minutes)."""
+  eos = _example()
+  gd_lr, gd_steps, sgd_lr, sgd_steps, batch_sizes = eos.DEFAULTS["generated"]
+  rec = eos.train(eos.make_data(1000, kind="teacher"), learning_rate=gd_lr, batch_size=None,
+                  steps=gd_steps, log_every=20, sharpness_every=None)
+  s = eos.summarize(rec, gd_lr)
+  assert 0.9 <= s["lambda_max/edge"] <= 1.1, s  # measured: 1.02
+  data = eos.make_data(1000, kind="random")
+  lams = []
+  for b in batch_sizes:
+    rec = eos.train(data, learning_rate=sgd_lr, batch_size=b, steps=sgd_steps, log_every=100)
+    s = eos.summarize(rec, sgd_lr)
+    assert 0.75 <= s["batch_sharpness/edge"] <= 1.25, (b, s)
+    assert s["lambda_max/edge"] < 0.75, (b, s)
+    lams.append(s["lambda_max/edge"])
+  # λ_max is lower for smaller batches: measured 0.42, 0.36, 0.50 (B = 8, 16, 32; 8 vs 16 is
+  # within the seed-to-seed spread, another init gave 0.32, 0.34, 0.52), so only the largest
+  # batch is checked against the smaller ones.
+  assert lams[-1] > max(lams[:-1]), lams
