@@ -12,6 +12,7 @@ the model one example at a time).
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -109,7 +110,7 @@ def _check_method(method: str) -> None:
 
 
 def _check_positive_int(name: str, value: int) -> None:
-  if not isinstance(value, int) or value < 1:
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
     raise ValueError(f"`{name}` must be an integer >= 1; got {value!r}.")
 
 
