@@ -149,6 +149,17 @@ def _keep_if(valid: Array, new: Any, old: Any) -> Any:
   return jax.tree.map(lambda n, o: jnp.where(valid, n, o).astype(o.dtype), new, old)
 
 
+def _accept(valid: Array, new: Any, state: Any, prefix: str) -> Any:
+  """``new`` where the measurement is ``valid``, else ``state``; counts it in
+  ``{prefix}_num_measurements`` or ``{prefix}_num_skipped``."""
+  kept = _keep_if(valid, _same_types(new, state), state)
+  measured, skipped = f"{prefix}_num_measurements", f"{prefix}_num_skipped"
+  return kept._replace(**{
+      measured: getattr(state, measured) + valid.astype(jnp.int32),
+      skipped: getattr(state, skipped) + (~valid).astype(jnp.int32),
+  })
+
+
 def _get_batch(extra_args: dict[str, Any], who: str, *, allow_measure_batch: bool = False) -> Any:
   if allow_measure_batch and extra_args.get("measure_batch") is not None:
     return extra_args["measure_batch"]
@@ -331,11 +342,7 @@ def track_lambda_max(
         eigenvector=_same_types(res.eigenvector, state.eigenvector), lambda_max=res.value,
         lambda_max_residual=res.residual, lambda_max_iters=res.num_iters,
     )
-    new = _keep_if(valid, _same_types(new, state), state)
-    return new._replace(
-        lambda_max_num_measurements=state.lambda_max_num_measurements + valid.astype(jnp.int32),
-        lambda_max_num_skipped=state.lambda_max_num_skipped + (~valid).astype(jnp.int32),
-    )
+    return _accept(valid, new, state, "lambda_max")
 
   def update_fn(updates, state: TrackLambdaMaxState, params=None, **extra_args):
     _check_params(params, "track_lambda_max")
@@ -464,13 +471,7 @@ def track_batch_sharpness(
         batch_sharpness_mean_of_ratios_stderr=_stderr_of_mean(m, c[2, 2]),
         batch_sharpness_last=ratio,
     )
-    new = _keep_if(valid, _same_types(new, state), state)
-    return new._replace(
-        batch_sharpness_num_measurements=(
-            state.batch_sharpness_num_measurements + valid.astype(jnp.int32)
-        ),
-        batch_sharpness_num_skipped=state.batch_sharpness_num_skipped + (~valid).astype(jnp.int32),
-    )
+    return _accept(valid, new, state, "batch_sharpness")
 
   def update_fn(updates, state: TrackBatchSharpnessState, params=None, **extra_args):
     _check_params(params, "track_batch_sharpness")
@@ -613,11 +614,7 @@ def track_k(
         moments=m, k_trace=m.mean[0], k_trace_stderr=_stderr_of_mean(m, m.comoment[0, 0]),
         k_trace_raw=raw,
     )
-    new = _keep_if(valid, _same_types(new, state), state)
-    return new._replace(
-        k_num_measurements=state.k_num_measurements + valid.astype(jnp.int32),
-        k_num_skipped=state.k_num_skipped + (~valid).astype(jnp.int32),
-    )
+    return _accept(valid, new, state, "k")
 
   def update_fn(updates, state: TrackKState, params=None, **extra_args):
     _check_params(params, "track_k")
