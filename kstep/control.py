@@ -158,6 +158,8 @@ def scale_by_k_control(
     trace_floor: float | str | None = "auto",
     seed: int | Array = 0,
     flip_sign: bool = True,
+    axis_name: estimators.AxisName = None,
+    probe_scope: str = "global",
 ) -> optax.GradientTransformationExtraArgs:
   """Scales updates by ``−η_t``, the step that keeps K inside ``target`` (see module docstring).
 
@@ -187,6 +189,13 @@ def scale_by_k_control(
       training dies (see the README's "Cross-entropy" section for the measurement).
     seed: PRNG seed of the probes.
     flip_sign: multiply by ``−η`` (descent) rather than ``η``.
+    axis_name: inside ``shard_map``/``pmap`` with the batch split over this axis (or tuple of
+      axes), combine the devices' contributions to each estimate (``batch_size`` is then the
+      global B and params must be replicated over the axis). Not needed under ``jax.jit`` with
+      sharded arrays. See :func:`kstep.gauss_newton_trace`.
+    probe_scope: ``"global"`` (the single-device estimate, one all-reduce of P floats per probe)
+      or ``"per_shard"`` (independent probes per device, one scalar all-reduce per probe, lower
+      variance); only with ``axis_name``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state :class:`ScaleByKControlState`.
@@ -211,6 +220,7 @@ def scale_by_k_control(
   losses.resolve_loss(loss)
   if estimator not in ESTIMATORS:
     raise ValueError(f"`estimator` must be one of {ESTIMATORS}; got {estimator!r}.")
+  estimators.check_probe_scope(probe_scope, axis_name)
   if _is_number(smoothing) and not 0.0 <= float(smoothing) < 1.0:
     raise ValueError(f"`smoothing` must be in [0, 1); got {smoothing!r}.")
   if _is_number(max_change) and not float(max_change) > 1.0:
@@ -234,7 +244,8 @@ def scale_by_k_control(
   def estimate(state: ScaleByKControlState, params: Any, batch: Any) -> ScaleByKControlState:
     key = jax.random.fold_in(state.key, state.count)
     trace = lambda loss_, key_: estimators.gauss_newton_trace(
-        apply_fn, params, batch, loss=loss_, key=key_, num_probes=num_probes, method=estimator
+        apply_fn, params, batch, loss=loss_, key=key_, num_probes=num_probes, method=estimator,
+        axis_name=axis_name, probe_scope=probe_scope,
     ).value
     raw = trace(loss, key)
     if trace_floor is not None:
@@ -310,6 +321,8 @@ def k_controlled_sgd(
     max_scale: float | None = None,
     trace_floor: float | str | None = "auto",
     seed: int | Array = 0,
+    axis_name: estimators.AxisName = None,
+    probe_scope: str = "global",
 ) -> optax.GradientTransformationExtraArgs:
   """SGD with momentum whose step keeps the noise kernel norm K inside ``target``.
 
@@ -345,7 +358,7 @@ def k_controlled_sgd(
           learning_rate, batch_size=batch_size, apply_fn=apply_fn, loss=loss, target=target,
           momentum=momentum, every=every, num_probes=num_probes, estimator=estimator,
           smoothing=smoothing, max_change=max_change, max_scale=max_scale,
-          trace_floor=trace_floor, seed=seed,
+          trace_floor=trace_floor, seed=seed, axis_name=axis_name, probe_scope=probe_scope,
       )
   )
   return optax.chain(*parts)

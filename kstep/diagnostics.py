@@ -264,6 +264,7 @@ def track_lambda_max(
     warm_start: bool = True,
     tol: float = 1e-3,
     seed: int | Array = 0,
+    axis_name: estimators.AxisName = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Records λ_max, the largest algebraic eigenvalue of the Hessian ``∇²_θ loss_fn(θ, batch)``.
 
@@ -294,6 +295,9 @@ def track_lambda_max(
     tol: relative residual at which a solve stops. The eigenvalue's error is of order
       ``residual² / gap``, far below ``tol``.
     seed: int seed (or PRNG key) of the random start vectors.
+    axis_name: inside ``shard_map``/``pmap``, the axis the batch is split over (λ_max of the
+      global batch's loss; one all-reduce of P floats per product). Not needed under ``jax.jit``
+      with sharded arrays.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state :class:`TrackLambdaMaxState`;
@@ -333,7 +337,8 @@ def track_lambda_max(
     key = jax.random.fold_in(state.key, state.count)
     start = state.eigenvector if warm_start else random_unit(key, state.eigenvector)
     res = estimators.lambda_max(
-        loss_fn, params, batch, num_iters=num_iters, method=method, init=start, key=key, tol=tol
+        loss_fn, params, batch, num_iters=num_iters, method=method, init=start, key=key, tol=tol,
+        axis_name=axis_name,
     )
     finite = [jnp.all(jnp.isfinite(v)) for v in jax.tree.leaves(res.eigenvector)]
     vec_ok = jnp.all(jnp.stack(finite)) if finite else jnp.bool_(True)
@@ -402,6 +407,7 @@ def track_batch_sharpness(
     every: int,
     learning_rate: ScalarOrSchedule | None = None,
     decay: float | None = 0.95,
+    axis_name: estimators.AxisName = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Records Batch Sharpness (Andreyev & Beneventano, EoSS, Definition 1) along training.
 
@@ -431,6 +437,9 @@ def track_batch_sharpness(
       measurements averaged), or ``None`` for the all-time mean. The default 0.95 averages about
       40 measurements, enough for a stable ratio with small batches, short enough to follow
       progressive sharpening.
+    axis_name: inside ``shard_map``/``pmap``, the axis the batch is split over (the batch is the
+      union of the shards; two all-reduces of P floats per measurement). Not needed under
+      ``jax.jit`` with sharded arrays.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state :class:`TrackBatchSharpnessState`.
@@ -455,7 +464,7 @@ def track_batch_sharpness(
     )
 
   def measure(state: TrackBatchSharpnessState, params: PyTree, batch: Any):
-    num, den = estimators.batch_curvature(loss_fn, params, batch)
+    num, den = estimators.batch_curvature(loss_fn, params, batch, axis_name=axis_name)
     num, den = _f32(num), _f32(den)
     valid = jnp.isfinite(num) & jnp.isfinite(den) & (den >= 0)
     ratio = jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
@@ -540,6 +549,8 @@ def track_k(
     estimator: str = "hutchinson",
     decay: float | None = 0.8,
     seed: int | Array = 0,
+    axis_name: estimators.AxisName = None,
+    probe_scope: str = "global",
 ) -> optax.GradientTransformationExtraArgs:
   """Records the noise kernel norm K (Agarwala & Pennington 2024) of any SGD/momentum run.
 
@@ -573,6 +584,9 @@ def track_k(
     decay: weight d in [0, 1) of the past in the running mean of T (0: the last estimate
       alone; the controller's default smoothing is 0.8), or ``None`` for the all-time mean.
     seed: int seed (or PRNG key) of the probes.
+    axis_name: inside ``shard_map``/``pmap``, the axis the batch is split over (``batch_size``
+      is the global B). Not needed under ``jax.jit`` with sharded arrays.
+    probe_scope: ``"global"`` or ``"per_shard"``, as in :func:`kstep.gauss_newton_trace`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state :class:`TrackKState`.
@@ -589,6 +603,7 @@ def track_k(
   _check_positive_int("num_probes", num_probes)
   if estimator not in TRACE_ESTIMATORS:
     raise ValueError(f"`estimator` must be one of {TRACE_ESTIMATORS}; got {estimator!r}.")
+  estimators.check_probe_scope(probe_scope, axis_name)
   _check_decay(decay)
   base_key = _prng_key(seed)
   every = int(every)
@@ -605,7 +620,8 @@ def track_k(
   def measure(state: TrackKState, params: PyTree, batch: Any) -> TrackKState:
     key = jax.random.fold_in(state.key, state.count)
     raw = estimators.gauss_newton_trace(
-        apply_fn, params, batch, loss=loss, key=key, num_probes=num_probes, method=estimator
+        apply_fn, params, batch, loss=loss, key=key, num_probes=num_probes, method=estimator,
+        axis_name=axis_name, probe_scope=probe_scope,
     ).value
     raw = _f32(raw)
     valid = jnp.isfinite(raw) & (raw > 0)

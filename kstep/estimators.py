@@ -8,12 +8,21 @@ memory stays bounded.
 Shapes: ``apply_fn(params, batch)`` returns outputs of shape ``(B, C)`` or ``(B,)``; every leaf of
 ``batch`` has the examples on its leading axis (needed only for ``method="exact"``, which evaluates
 the model one example at a time).
+
+Data parallelism. Under ``jax.jit`` with the batch sharded over a mesh (``NamedSharding``; params
+replicated or sharded) nothing changes: probes are drawn at the global batch's shape and the
+compiler inserts the reductions. Inside ``jax.shard_map`` or ``jax.pmap`` each device sees its own
+shard: pass ``axis_name`` (the mapped axis, or a tuple of axes, the batch is split over) and the
+estimators combine the devices with collectives over it. Params must then be the same on every
+device along ``axis_name``, shards must have equal size, and ``loss_fn`` returns the mean loss of
+the local shard (the global loss is the mean over devices). With the same key, the estimate on a
+sharded batch equals the single-device estimate on the whole batch (up to float rounding).
 """
 
 from __future__ import annotations
 
 import numbers
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Hashable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,8 +34,10 @@ Array = jax.Array
 PyTree = Any
 ApplyFn = Callable[[PyTree, Any], Array]
 LossFn = Callable[[PyTree, Any], Array]
+AxisName = Hashable | tuple[Hashable, ...] | None
 
 METHODS = ("hutchinson", "exact")
+PROBE_SCOPES = ("global", "per_shard")
 
 
 class TraceEstimate(NamedTuple):
@@ -95,6 +106,42 @@ def _vdot(a: PyTree, b: PyTree) -> Array:
   )
 
 
+# ----------------------------------------------------------------------------------------------
+# Collectives over the data axis (no-ops when ``axis_name`` is None).
+
+
+def _psum(x: Any, axis_name: AxisName) -> Any:
+  return x if axis_name is None else jax.lax.psum(x, axis_name)
+
+
+def _pmean(x: Any, axis_name: AxisName) -> Any:
+  return x if axis_name is None else jax.lax.pmean(x, axis_name)
+
+
+def _local(params: PyTree, axis_name: AxisName) -> PyTree:
+  """Params marked as varying over ``axis_name``, so derivatives in them stay per device.
+
+  Inside ``shard_map`` (with its default ``check_vma=True``) the derivative of a local loss in
+  replicated params is summed over the devices implicitly; with ``check_vma=False`` or ``pmap`` it
+  is not. Casting first makes every mode return the local derivative, which is then reduced
+  explicitly.
+  """
+  if axis_name is None:
+    return params
+  cast = getattr(jax.lax, "pcast", None)
+  if cast is not None:
+    return jax.tree.map(lambda x: cast(x, axis_name, to="varying"), params)
+  pvary = getattr(jax.lax, "pvary", None)  # JAX 0.6–0.7
+  return params if pvary is None else jax.tree.map(lambda x: pvary(x, axis_name), params)
+
+
+def _global_rows(b: int, axis_name: AxisName) -> tuple[int, Any]:
+  """``(B_total, first row of this shard)`` of a batch split evenly over ``axis_name``."""
+  if axis_name is None:
+    return b, 0
+  return b * jax.lax.axis_size(axis_name), jax.lax.axis_index(axis_name) * b
+
+
 def mean_and_stderr(samples: Array) -> TraceEstimate:
   """Mean of i.i.d. samples along axis 0 and its standard error (NaN for a single sample)."""
   n = samples.shape[0]
@@ -102,6 +149,17 @@ def mean_and_stderr(samples: Array) -> TraceEstimate:
   if n == 1:
     return TraceEstimate(mean, jnp.full((), jnp.nan, jnp.float32))
   return TraceEstimate(mean, jnp.std(samples, ddof=1) / jnp.sqrt(jnp.float32(n)))
+
+
+def check_probe_scope(probe_scope: str, axis_name: AxisName) -> None:
+  """Raises ValueError unless ``probe_scope`` is known and, if ``"per_shard"``, has an axis."""
+  if probe_scope not in PROBE_SCOPES:
+    raise ValueError(f"`probe_scope` must be one of {PROBE_SCOPES}; got {probe_scope!r}.")
+  if probe_scope == "per_shard" and axis_name is None:
+    raise ValueError(
+        '`probe_scope="per_shard"` needs `axis_name` (the shard_map/pmap axis the batch is split '
+        "over); under jax.jit with sharded arrays the estimate is always the global one."
+    )
 
 
 def _check_method(method: str) -> None:
@@ -143,6 +201,8 @@ def gauss_newton_trace(
     num_probes: int = 1,
     method: str = "hutchinson",
     chunk_size: int = 32,
+    axis_name: AxisName = None,
+    probe_scope: str = "global",
 ) -> TraceEstimate:
   r"""Mean over the batch of ``tr(J_iᵀ H_i J_i)``: the Gauss–Newton trace (K paper eq. 87/130).
 
@@ -159,46 +219,73 @@ def gauss_newton_trace(
     * ``"exact"``: per-example Jacobians (``jax.lax.map`` in chunks of ``chunk_size`` examples),
       ``Σ_i tr(H_i J_i J_iᵀ) / B``; stderr 0.
 
+  Sharded batches (``axis_name``, inside ``shard_map``/``pmap``; see the module docstring), B the
+  global batch. ``probe_scope="global"`` (default) draws each probe for the whole batch and keeps
+  this device's rows, sums ``Σ_i J_iᵀ u_i`` over the devices (one all-reduce of P floats per
+  probe) and so returns the single-device estimate. ``probe_scope="per_shard"`` (named losses;
+  for the others it changes nothing) draws independent probes per device and sums the squared
+  norms ``Σ_d ‖Σ_{i∈d} J_iᵀ u_i‖²`` instead (one all-reduce of a scalar per probe): also
+  unbiased, since it only drops the zero-mean cross terms between devices, and therefore of
+  lower variance, but a different number from the single-device one.
+
   Args:
     apply_fn: ``apply_fn(params, batch)`` -> outputs ``(B, C)`` or ``(B,)``.
     params: any pytree of float arrays.
     batch: the inputs (and anything else ``apply_fn``/``loss`` read).
     loss: ``"mse"``, ``"softmax_cross_entropy"``, ``"sigmoid_binary_cross_entropy"`` or a callable
       ``loss(outputs, batch) -> (B,)`` per-example losses (outputs in the model's own shape).
-    key: PRNG key for the probes (required for ``"hutchinson"``).
+    key: PRNG key for the probes (required for ``"hutchinson"``; the same on every device).
     num_probes: number of independent probes averaged.
     method: ``"hutchinson"`` or ``"exact"``.
     chunk_size: examples (exact) or probes (hutchinson) processed at once.
+    axis_name: the mapped axis (or tuple of axes) the batch is split over, inside
+      ``shard_map``/``pmap``; ``None`` otherwise (also under ``jit`` with sharded arrays).
+    probe_scope: ``"global"`` or ``"per_shard"`` (only with ``axis_name``).
+
+  Raises:
+    ValueError: an argument is out of range (named in the message).
 
   Returns:
-    ``TraceEstimate(value, stderr)`` in float32.
+    ``TraceEstimate(value, stderr)`` in float32, the same on every device.
   """
   _check_method(method)
   _check_positive_int("num_probes", num_probes)
   _check_positive_int("chunk_size", chunk_size)
+  check_probe_scope(probe_scope, axis_name)
   spec = losses_lib.resolve_loss(loss)
+  params = _local(params, axis_name)
   outputs, vjp_fn = jax.vjp(lambda p: apply_fn(p, batch), params)
   out_shape, out_dtype = outputs.shape, outputs.dtype
   b = out_shape[0]
+  b_total, first_row = _global_rows(b, axis_name)
   out2d = outputs.reshape(b, -1)
   spec = spec.for_output_shape(out_shape)
 
   if method == "exact":
     kernels = _per_example_ntk(apply_fn, params, batch, chunk_size)
     h = spec.hessian(out2d, batch)
-    value = jnp.sum(h * kernels) / b  # Σ_i tr(H_i K_i), both symmetric
+    value = _psum(jnp.sum(h * kernels), axis_name) / b_total  # Σ_i tr(H_i K_i), both symmetric
     return TraceEstimate(value.astype(jnp.float32), jnp.zeros((), jnp.float32))
 
   if key is None:
     raise ValueError('`key` is required for method="hutchinson".')
   keys = jax.random.split(key, num_probes)
 
-  if spec.sample is not None:
+  if spec.noise is not None:
+    per_shard = probe_scope == "per_shard"
 
     def probe(k: Array) -> Array:
-      u = spec.sample(k, out2d, batch)
+      if per_shard:
+        noise = spec.noise(jax.random.fold_in(k, jax.lax.axis_index(axis_name)), out2d.shape)
+      else:
+        noise = spec.noise(k, (b_total, out2d.shape[1]))
+        if axis_name is not None:
+          noise = jax.lax.dynamic_slice_in_dim(noise, first_row, b, axis=0)
+      u = spec.probe(noise, out2d, batch)
       (g,) = vjp_fn(u.reshape(out_shape).astype(out_dtype))
-      return _sq_norm(g) / b
+      if per_shard:
+        return _psum(_sq_norm(g), axis_name) / b_total
+      return _sq_norm(_psum(_f32(g), axis_name)) / b_total
 
   else:
     apply_p = lambda p: apply_fn(p, batch).reshape(b, -1)
@@ -209,7 +296,7 @@ def gauss_newton_trace(
       # compiled program, and compile time grows with the number of leaves).
       z = unravel(jax.random.rademacher(k, flat_params.shape, dtype=flat_params.dtype))
       w = jax.jvp(apply_p, (params,), (z,))[1].astype(jnp.float32)
-      return jnp.sum(w * spec.gnvp(out2d, batch, w)) / b
+      return _psum(jnp.sum(w * spec.gnvp(out2d, batch, w)), axis_name) / b_total
 
   samples = jax.lax.map(probe, keys, batch_size=min(chunk_size, num_probes))
   return mean_and_stderr(samples)
@@ -224,6 +311,8 @@ def ntk_trace(
     num_probes: int = 1,
     method: str = "hutchinson",
     chunk_size: int = 32,
+    axis_name: AxisName = None,
+    probe_scope: str = "global",
 ) -> TraceEstimate:
   """Mean over the batch of ``Σ_c ‖∇_θ f_c(x_i)‖²``: ``tr(Θ̂)`` with ``Θ̂ = J Jᵀ / B`` (eq. 11).
 
@@ -231,7 +320,7 @@ def ntk_trace(
   """
   return gauss_newton_trace(
       apply_fn, params, batch, loss="mse", key=key, num_probes=num_probes, method=method,
-      chunk_size=chunk_size,
+      chunk_size=chunk_size, axis_name=axis_name, probe_scope=probe_scope,
   )
 
 
@@ -258,24 +347,47 @@ def empirical_ntk(apply_fn: ApplyFn, params: PyTree, batch: Any, *, chunk_size: 
   return jac @ jac.T / n
 
 
-def hvp(loss_fn: LossFn, params: PyTree, batch: Any, v: PyTree) -> PyTree:
-  """Hessian-vector product ``∇²_θ loss_fn(params, batch) · v``, forward-over-reverse."""
-  return jax.jvp(lambda p: jax.grad(loss_fn)(p, batch), (params,), (v,))[1]
+def hvp(
+    loss_fn: LossFn, params: PyTree, batch: Any, v: PyTree, *, axis_name: AxisName = None
+) -> PyTree:
+  """Hessian-vector product ``∇²_θ loss_fn(params, batch) · v``, forward-over-reverse.
+
+  With ``axis_name``, the Hessian of the mean of the devices' losses (one all-reduce of P floats).
+  """
+  primal, tangent = _local((params, v), axis_name)
+  local = jax.jvp(lambda p: jax.grad(loss_fn)(p, batch), (primal,), (tangent,))[1]
+  return _pmean(local, axis_name)
+
+
+def _grad(loss_fn: LossFn, params: PyTree, batch: Any, *, axis_name: AxisName = None) -> PyTree:
+  """Gradient of ``loss_fn(params, batch)``; with ``axis_name``, of the mean over the devices."""
+  return _pmean(jax.grad(loss_fn)(_local(params, axis_name), batch), axis_name)
 
 
 def gauss_newton_vp(
-    apply_fn: ApplyFn, params: PyTree, batch: Any, v: PyTree, *, loss: Any = "mse"
+    apply_fn: ApplyFn,
+    params: PyTree,
+    batch: Any,
+    v: PyTree,
+    *,
+    loss: Any = "mse",
+    axis_name: AxisName = None,
 ) -> PyTree:
-  """Gauss–Newton-vector product ``(1/B) Σ_i J_iᵀ H_i J_i v`` (one JVP, one VJP)."""
+  """Gauss–Newton-vector product ``(1/B) Σ_i J_iᵀ H_i J_i v`` (one JVP, one VJP).
+
+  With ``axis_name``, B and the sum run over the global batch (one all-reduce of P floats).
+  """
   spec = losses_lib.resolve_loss(loss)
+  params, v = _local((params, v), axis_name)
   f = lambda p: apply_fn(p, batch)
   outputs, jv = jax.jvp(f, (params,), (v,))
   b = outputs.shape[0]
+  b_total, _ = _global_rows(b, axis_name)
   spec = spec.for_output_shape(outputs.shape)
   hjv = spec.gnvp(outputs.reshape(b, -1), batch, jv.reshape(b, -1).astype(jnp.float32))
   _, vjp_fn = jax.vjp(f, params)
-  (out,) = vjp_fn((hjv / b).reshape(outputs.shape).astype(outputs.dtype))
-  return out
+  (out,) = vjp_fn((hjv / b_total).reshape(outputs.shape).astype(outputs.dtype))
+  return _psum(out, axis_name)
 
 
 def _initial_vector(init: PyTree | None, key: Array | None, flat_params: Array) -> Array:
@@ -410,6 +522,7 @@ def lambda_max(
     init: PyTree | None = None,
     key: Array | None = None,
     tol: float = 1e-4,
+    axis_name: AxisName = None,
 ) -> LambdaMax:
   """Largest *algebraic* eigenvalue of the Hessian of ``loss_fn(params, batch)`` in ``params``.
 
@@ -428,6 +541,9 @@ def lambda_max(
       warm-start after a parameter update; random when ``None``.
     key: PRNG key for the random start (a fixed key when ``None``).
     tol: relative residual at which to stop.
+    axis_name: inside ``shard_map``/``pmap``, the axis the batch is split over: the Hessian is
+      that of the mean of the devices' losses (one all-reduce of P floats per product); every
+      device runs the same solve.
 
   Returns:
     ``LambdaMax(value, eigenvector, residual, num_iters)``.
@@ -435,7 +551,9 @@ def lambda_max(
   _check_positive_int("num_iters", num_iters)
   p32 = _f32(params)
   flat, unravel = ravel_pytree(p32)
-  matvec = lambda x: ravel_pytree(hvp(loss_fn, p32, batch, unravel(x)))[0].astype(jnp.float32)
+  matvec = lambda x: ravel_pytree(
+      hvp(loss_fn, p32, batch, unravel(x), axis_name=axis_name)
+  )[0].astype(jnp.float32)
   v0 = _initial_vector(init, key, flat)
   return _top_eigenpair(matvec, v0, unravel, num_iters=num_iters, method=method, tol=tol)
 
@@ -451,6 +569,7 @@ def gauss_newton_lambda_max(
     init: PyTree | None = None,
     key: Array | None = None,
     tol: float = 1e-4,
+    axis_name: AxisName = None,
 ) -> LambdaMax:
   """Top eigenvalue of the Gauss–Newton matrix ``(1/B) Σ_i J_iᵀ H_i J_i`` (PSD).
 
@@ -462,17 +581,22 @@ def gauss_newton_lambda_max(
   flat, unravel = ravel_pytree(p32)
   spec = losses_lib.resolve_loss(loss)
   matvec = lambda x: ravel_pytree(
-      gauss_newton_vp(apply_fn, p32, batch, unravel(x), loss=spec)
+      gauss_newton_vp(apply_fn, p32, batch, unravel(x), loss=spec, axis_name=axis_name)
   )[0].astype(jnp.float32)
   v0 = _initial_vector(init, key, flat)
   return _top_eigenpair(matvec, v0, unravel, num_iters=num_iters, method=method, tol=tol)
 
 
-def batch_curvature(loss_fn: LossFn, params: PyTree, batch: Any) -> tuple[Array, Array]:
-  """``(g_Bᵀ H_B g_B, ‖g_B‖²)`` for one batch: one gradient and one HVP, in float32."""
+def batch_curvature(
+    loss_fn: LossFn, params: PyTree, batch: Any, *, axis_name: AxisName = None
+) -> tuple[Array, Array]:
+  """``(g_Bᵀ H_B g_B, ‖g_B‖²)`` for one batch: one gradient and one HVP, in float32.
+
+  With ``axis_name`` the batch is the union of the devices' shards (two all-reduces of P floats).
+  """
   p32 = _f32(params)
-  g = jax.grad(loss_fn)(p32, batch)
-  hg = hvp(loss_fn, p32, batch, g)
+  g = _grad(loss_fn, p32, batch, axis_name=axis_name)
+  hg = hvp(loss_fn, p32, batch, g, axis_name=axis_name)
   return _vdot(g, hg), _sq_norm(g)
 
 
@@ -489,7 +613,12 @@ def ratio_of_means(num: Array, den: Array) -> tuple[Array, Array]:
 
 
 def batch_sharpness(
-    loss_fn: LossFn, params: PyTree, batches: Any, *, reduction: str = "ratio_of_means"
+    loss_fn: LossFn,
+    params: PyTree,
+    batches: Any,
+    *,
+    reduction: str = "ratio_of_means",
+    axis_name: AxisName = None,
 ) -> BatchSharpness:
   """Batch Sharpness of Andreyev & Beneventano (EoSS, Definition 1) over M stacked batches.
 
@@ -497,13 +626,16 @@ def batch_sharpness(
   per-batch ratios (``reduction="mean_of_ratios"``). ``g_B`` and ``H_B`` are the gradient and
   Hessian of ``loss_fn(params, batch_m)``; ``batches`` stacks the M batches on a leading axis.
   Cost: M gradients and M Hessian-vector products. A batch with zero gradient contributes a ratio
-  of 0.
+  of 0. With ``axis_name`` (inside ``shard_map``/``pmap``) every batch is split over the devices
+  along its second axis (each device holds ``(M, B/n, ...)``).
   """
   if reduction not in ("ratio_of_means", "mean_of_ratios"):
     raise ValueError(
         f'`reduction` must be "ratio_of_means" or "mean_of_ratios"; got {reduction!r}.'
     )
-  num, den = jax.lax.map(lambda b: batch_curvature(loss_fn, params, b), batches)
+  num, den = jax.lax.map(
+      lambda b: batch_curvature(loss_fn, params, b, axis_name=axis_name), batches
+  )
   if reduction == "ratio_of_means":
     value, stderr = ratio_of_means(num, den)
   else:

@@ -8,7 +8,11 @@ holds, for each supported loss, three things the estimators need:
 * ``sample(key, outputs, batch)``: a probe ``u`` of shape ``(B, C)``, independent across examples,
   with ``E[u_i] = 0`` and ``E[u_i u_iᵀ] = H_i``. Then ``‖Σ_i J_iᵀ u_i‖² / B`` is unbiased for
   ``T`` (cross terms vanish). MSE uses Rademacher probes; the cross-entropies use the
-  sampled-label (Bartlett) construction ``u_i = p_i − e_{ŷ_i}`` with ``ŷ_i`` drawn from the model;
+  sampled-label (Bartlett) construction ``u_i = p_i − e_{ŷ_i}`` with ``ŷ_i`` drawn from the model.
+  A probe is made in two steps, ``probe(noise(key, shape), outputs, batch)``: the noise depends on
+  the key and the shape alone, so a device holding rows ``[s, s + b)`` of a sharded batch can draw
+  the noise of the whole batch and keep its rows, and its probes are those of one device holding
+  the whole batch (:func:`kstep.gauss_newton_trace` with ``axis_name``);
 * ``per_example(outputs, batch)``: for callables only, the user's per-example loss; its Hessian in
   the outputs gives Gauss–Newton-vector products.
 
@@ -38,16 +42,25 @@ class OutputLoss:
   Attributes:
     name: a name for messages.
     hessian: ``(outputs (B, C), batch) -> (B, C, C)`` output-Hessian blocks.
-    sample: ``(key, outputs (B, C), batch) -> (B, C)`` probes with ``E[u uᵀ] = H`` per example,
-      or ``None`` where no sampler exists (callables: use Gauss–Newton-vector products).
+    noise: ``(key, shape (B, C)) -> (B, C)`` the randomness of a probe, i.i.d. over entries, or
+      ``None`` where no sampler exists (callables: use Gauss–Newton-vector products).
+    probe: ``(noise (B, C), outputs (B, C), batch) -> (B, C)`` probes with ``E[u_i] = 0`` and
+      ``E[u_i u_iᵀ] = H_i`` per example, row i made from row i of ``noise`` alone.
     per_example: ``(outputs (B, C), batch) -> (B,)`` the loss itself, or ``None`` for the named
       losses (their Hessians do not depend on labels, so no labels are needed).
   """
 
   name: str
   hessian: Callable[[Array, Any], Array]
-  sample: Callable[[Array, Array, Any], Array] | None
+  noise: Callable[[Array, tuple[int, ...]], Array] | None
+  probe: Callable[[Array, Array, Any], Array] | None
   per_example: PerExampleLoss | None = None
+
+  def sample(self, key: Array, outputs: Array, batch: Any) -> Array:
+    """Probes ``u`` (shape ``(B, C)``) with ``E[u_i u_iᵀ] = H_i``, independent across examples."""
+    if self.noise is None:
+      raise ValueError(f"loss {self.name!r} has no probe sampler; use Gauss–Newton products.")
+    return self.probe(self.noise(key, outputs.shape), outputs, batch)
 
   def gnvp(self, outputs: Array, batch: Any, w: Array) -> Array:
     """Output-space product ``H_i w_i`` for every example (shape ``(B, C)``)."""
@@ -66,7 +79,7 @@ class OutputLoss:
       return self
     fn = self.per_example
     reshaped = lambda o, batch: fn(o.reshape(shape), batch)
-    return OutputLoss(self.name, _callable_hessian(reshaped), None, reshaped)
+    return OutputLoss(self.name, _callable_hessian(reshaped), None, None, reshaped)
 
 
 def _mse_hessian(outputs: Array, batch: Any) -> Array:
@@ -75,9 +88,13 @@ def _mse_hessian(outputs: Array, batch: Any) -> Array:
   return jnp.broadcast_to(jnp.eye(c, dtype=jnp.float32), (b, c, c))
 
 
-def _mse_sample(key: Array, outputs: Array, batch: Any) -> Array:
-  del batch
-  return jax.random.rademacher(key, outputs.shape, dtype=jnp.float32)
+def _rademacher(key: Array, shape: tuple[int, ...]) -> Array:
+  return jax.random.rademacher(key, shape, dtype=jnp.float32)
+
+
+def _mse_probe(noise: Array, outputs: Array, batch: Any) -> Array:
+  del outputs, batch
+  return noise
 
 
 def _softmax_hessian(outputs: Array, batch: Any) -> Array:
@@ -86,12 +103,16 @@ def _softmax_hessian(outputs: Array, batch: Any) -> Array:
   return jax.vmap(jnp.diag)(p) - p[:, :, None] * p[:, None, :]
 
 
-def _softmax_sample(key: Array, outputs: Array, batch: Any) -> Array:
+def _gumbel(key: Array, shape: tuple[int, ...]) -> Array:
+  return jax.random.gumbel(key, shape, dtype=jnp.float32)
+
+
+def _softmax_probe(noise: Array, outputs: Array, batch: Any) -> Array:
   del batch
+  # Gumbel-max: argmax(logits + Gumbel noise) is a draw from softmax(logits).
   logits = outputs.astype(jnp.float32)
-  p = jax.nn.softmax(logits, axis=-1)
-  y = jax.random.categorical(key, logits, axis=-1)
-  return p - jax.nn.one_hot(y, outputs.shape[-1], dtype=jnp.float32)
+  y = jnp.argmax(logits + noise, axis=-1)
+  return jax.nn.softmax(logits, axis=-1) - jax.nn.one_hot(y, outputs.shape[-1], dtype=jnp.float32)
 
 
 def _sigmoid_hessian(outputs: Array, batch: Any) -> Array:
@@ -100,11 +121,14 @@ def _sigmoid_hessian(outputs: Array, batch: Any) -> Array:
   return jax.vmap(jnp.diag)(s * (1.0 - s))
 
 
-def _sigmoid_sample(key: Array, outputs: Array, batch: Any) -> Array:
+def _uniform(key: Array, shape: tuple[int, ...]) -> Array:
+  return jax.random.uniform(key, shape, dtype=jnp.float32)
+
+
+def _sigmoid_probe(noise: Array, outputs: Array, batch: Any) -> Array:
   del batch
   s = jax.nn.sigmoid(outputs.astype(jnp.float32))
-  y = jax.random.bernoulli(key, s).astype(jnp.float32)
-  return s - y
+  return s - (noise < s).astype(jnp.float32)
 
 
 def _callable_hessian(fn: PerExampleLoss) -> Callable[[Array, Any], Array]:
@@ -136,17 +160,18 @@ def resolve_loss(loss: str | PerExampleLoss | OutputLoss, argname: str = "loss")
     return loss
   if isinstance(loss, str):
     if loss == "mse":
-      return OutputLoss("mse", _mse_hessian, _mse_sample)
+      return OutputLoss("mse", _mse_hessian, _rademacher, _mse_probe)
     if loss == "softmax_cross_entropy":
-      return OutputLoss(loss, _softmax_hessian, _softmax_sample)
+      return OutputLoss(loss, _softmax_hessian, _gumbel, _softmax_probe)
     if loss == "sigmoid_binary_cross_entropy":
-      return OutputLoss(loss, _sigmoid_hessian, _sigmoid_sample)
+      return OutputLoss(loss, _sigmoid_hessian, _uniform, _sigmoid_probe)
     raise ValueError(
         f"`{argname}` must be one of {LOSS_NAMES} or a callable "
         f"(outputs, batch) -> per-example losses; got {loss!r}."
     )
   if callable(loss):
-    return OutputLoss(getattr(loss, "__name__", "callable"), _callable_hessian(loss), None, loss)
+    name = getattr(loss, "__name__", "callable")
+    return OutputLoss(name, _callable_hessian(loss), None, None, loss)
   raise ValueError(
       f"`{argname}` must be one of {LOSS_NAMES} or a callable "
       f"(outputs, batch) -> per-example losses; got {type(loss).__name__}."

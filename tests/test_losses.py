@@ -63,7 +63,7 @@ def closed_form(name, outputs):
 def test_named_hessian_is_the_hessian_of_the_optax_loss(name):
   outputs, batch = make_data()
   spec = losses.resolve_loss(name)
-  assert spec.per_example is None and spec.sample is not None
+  assert spec.per_example is None and spec.noise is not None
   h = jax.jit(spec.hessian)(outputs, batch)
   assert h.shape == (B, C, C) and h.dtype == jnp.float32
   ref = per_example_hessians(OPTAX_LOSSES[name], outputs, batch)
@@ -166,7 +166,7 @@ def coupled_loss(outputs, batch):
 def test_callable_hessian_matches_per_example_jax_hessian():
   outputs, batch = make_data()
   spec = losses.resolve_loss(coupled_loss)
-  assert spec.sample is None and spec.per_example is coupled_loss
+  assert spec.noise is None and spec.per_example is coupled_loss
   assert spec.name == "coupled_loss"
   h = jax.jit(spec.hessian)(outputs, batch)
   assert h.shape == (B, C, C) and h.dtype == jnp.float32
