@@ -379,7 +379,8 @@ def _example():
 
 def test_data_parallel_example_runs_and_matches_one_device():
   ex = _example()
-  result = ex.main(["--steps", "30", "--batch-size", "64", "--n-train", "2048", "--no-timing"])
+  result = ex.main(["--steps", "12", "--batch-size", "64", "--n-train", "2048", "--no-timing"])
   assert result["num_devices"] == NDEV
-  assert result["max_param_rel_diff"] < 1e-3
+  assert result["max_param_rel_diff"] < 1e-4
+  assert result["compilations"] == (1, 1)
   assert result["final_k"] > 0 and np.isfinite(result["final_loss"])
