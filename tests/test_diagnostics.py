@@ -414,6 +414,82 @@ def test_missing_batch_or_params_raise(params, index):
 
 
 # ---------------------------------------------------------------------------------------------
+# optax.inject_hyperparams: numbers may be injected (traced inside jit), shapes must be static.
+
+INJECTED = {
+    # name: (factory, static_args, kwargs); every kwarg that is not static is injected.
+    "lambda_max": (kstep.track_lambda_max, ("loss_fn", "num_iters"),
+                   dict(loss_fn=loss_fn, every=2, num_iters=30, tol=1e-5, seed=3)),
+    "batch_sharpness": (kstep.track_batch_sharpness, ("loss_fn",),
+                        dict(loss_fn=loss_fn, every=2, learning_rate=0.1, decay=0.7)),
+    "k": (kstep.track_k, ("apply_fn", "num_probes"),
+          dict(apply_fn=apply_fn, batch_size=8, learning_rate=0.1, momentum=0.5, every=2,
+               num_probes=2, decay=0.5, seed=3)),
+}
+
+
+def _run_tracker(opt, params, batches, state=None):
+  """Jitted SGD (lr 0.1) with ``opt`` after it; returns the state after ``batches``."""
+  sgd = optax.sgd(0.1)
+  state = (sgd.init(params), opt.init(params)) if state is None else state
+
+  @jax.jit
+  def step(params, state, batch):
+    grads = jax.grad(loss_fn)(params, batch)
+    updates, sgd_state = sgd.update(grads, state[0], params)
+    updates, opt_state = opt.update(updates, state[1], params, batch=batch)
+    return optax.apply_updates(params, updates), (sgd_state, opt_state)
+
+  for batch in batches:
+    params, state = step(params, state, batch)
+  return params, state
+
+
+@pytest.mark.parametrize("name", sorted(INJECTED))
+def test_inject_hyperparams_matches_plain_tracker(params, batches, name):
+  factory, static, kwargs = INJECTED[name]
+  injected = optax.inject_hyperparams(factory, static_args=static)(**kwargs)
+  _, (_, state) = _run_tracker(injected, params, batches)
+  _, (_, plain) = _run_tracker(factory(**kwargs), params, batches)
+  assert set(state.hyperparams) == set(kwargs) - set(static)
+  expected = kstep.stats(plain)
+  got = kstep.stats(state.inner_state)
+  assert set(got) == set(expected)
+  for field, value in expected.items():
+    np.testing.assert_allclose(got[field], value, rtol=1e-5, err_msg=field)
+  assert int(got[f"{name}_num_measurements"]) == 3
+
+
+@pytest.mark.parametrize("name, field", [("batch_sharpness", "edge_ratio"), ("k", "k")])
+def test_injected_learning_rate_changes_edge_ratio_and_k(params, batches, name, field):
+  factory, static, kwargs = INJECTED[name]
+  opt = optax.inject_hyperparams(factory, static_args=static)(**kwargs)
+  p, state = _run_tracker(opt, params, batches[:4])  # measured on steps 0 and 2
+  before = kstep.stats(state[1].inner_state)
+  state[1].hyperparams["learning_rate"] = jnp.asarray(0.3, jnp.float32)
+  _, state = _run_tracker(opt, p, batches[4:5], state)  # step 4 measures again
+  after = kstep.stats(state[1].inner_state)
+  # Same measurement as the plain tracker with η = 0.1, only the reported η changed.
+  _, (_, plain) = _run_tracker(factory(**kwargs), params, batches)
+  plain = kstep.stats(plain)
+  np.testing.assert_allclose(after[field], 3.0 * plain[field], rtol=1e-5)
+  assert after[field] > 2.0 * before[field]
+  if name == "k":
+    np.testing.assert_allclose(after["k_learning_rate"], 0.3, rtol=1e-6)
+    np.testing.assert_allclose(after["k_trace"], plain["k_trace"], rtol=1e-5)
+
+
+@pytest.mark.parametrize("name, arg", [("lambda_max", "num_iters"), ("k", "num_probes")])
+def test_inject_hyperparams_shape_arguments_must_be_static(params, batches, name, arg):
+  factory, static, kwargs = INJECTED[name]
+  opt = optax.inject_hyperparams(factory, static_args=tuple(a for a in static if a != arg))(
+      **kwargs
+  )
+  with pytest.raises(ValueError, match=f"`{arg}`.*static_args"):
+    _run_tracker(opt, params, batches[:1])
+
+
+# ---------------------------------------------------------------------------------------------
 # The EoS / EoSS claims, with the example's training code.
 
 
