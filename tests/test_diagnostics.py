@@ -514,24 +514,42 @@ def test_eoss_short():
   assert np.all(rec["lambda_max"][-5:] < 2.0 / lr)
 
 
+def _eoss_runs(eos, seed):
+  """The example's default SGD runs (generated data): ``{B: summary over the last half}``."""
+  _, _, lr, steps, batch_sizes, n = eos.DEFAULTS["generated"]
+  data = eos.make_data(n, kind="random", seed=seed)
+  return lr, {
+      b: eos.summarize(eos.train(data, learning_rate=lr, batch_size=b, steps=steps,
+                                 log_every=100, seed=seed), lr)
+      for b in batch_sizes
+  }
+
+
+def _assert_eoss(runs):
+  for b, s in runs.items():
+    assert 0.75 <= s["batch_sharpness/edge"] <= 1.25, (b, s)
+    assert s["lambda_max/edge"] < 0.75, (b, s)
+  lams = [s["lambda_max/edge"] for s in runs.values()]
+  # λ_max is lower for smaller batches (EoSS), strictly.
+  assert all(a < b for a, b in zip(lams, lams[1:])), lams
+
+
+def test_eoss_example_defaults_lambda_max_increases_with_batch_size():
+  """The example's SGD runs, seed 0 (about 15 s): Batch Sharpness at 2/η for B = 8, 16, 32,
+  λ_max below it and increasing in B (measured 0.23, 0.30, 0.42 of 2/η)."""
+  _, runs = _eoss_runs(_example(), seed=0)
+  _assert_eoss(runs)
+
+
 @pytest.mark.slow
 def test_eos_and_eoss_example_settings():
-  """The example's default settings: EoS under GD, EoSS for B = 8, 16, 32 (a few minutes)."""
+  """The example's default settings: EoS under GD, EoSS for B = 8, 16, 32 over three seeds."""
   eos = _example()
-  gd_lr, gd_steps, sgd_lr, sgd_steps, batch_sizes = eos.DEFAULTS["generated"]
+  gd_lr, gd_steps = eos.DEFAULTS["generated"][:2]
   rec = eos.train(eos.make_data(1000, kind="teacher"), learning_rate=gd_lr, batch_size=None,
                   steps=gd_steps, log_every=20, sharpness_every=None)
   s = eos.summarize(rec, gd_lr)
   assert 0.9 <= s["lambda_max/edge"] <= 1.1, s  # measured: 1.02
-  data = eos.make_data(1000, kind="random")
-  lams = []
-  for b in batch_sizes:
-    rec = eos.train(data, learning_rate=sgd_lr, batch_size=b, steps=sgd_steps, log_every=100)
-    s = eos.summarize(rec, sgd_lr)
-    assert 0.75 <= s["batch_sharpness/edge"] <= 1.25, (b, s)
-    assert s["lambda_max/edge"] < 0.75, (b, s)
-    lams.append(s["lambda_max/edge"])
-  # λ_max is lower for smaller batches: measured 0.42, 0.36, 0.50 (B = 8, 16, 32; 8 vs 16 is
-  # within the seed-to-seed spread, another init gave 0.32, 0.34, 0.52), so only the largest
-  # batch is checked against the smaller ones.
-  assert lams[-1] > max(lams[:-1]), lams
+  # Measured λ_max/(2/η): 0.23, 0.30, 0.42 / 0.26, 0.29, 0.41 / 0.26, 0.30, 0.42 (seeds 0, 1, 2).
+  for seed in (1, 2):  # seed 0: the fast test above
+    _assert_eoss(_eoss_runs(eos, seed)[1])
