@@ -26,6 +26,12 @@ Names are unique across the three trackers, so all three fit in one chain. The K
 raises, and each value must be read from its own sub-state (a controlled run has no use for
 :func:`track_k` anyway).
 
+Under ``optax.inject_hyperparams``, list ``loss_fn`` / ``apply_fn`` (and a callable ``loss``) in
+``static_args`` (it treats every callable as a schedule), and ``num_iters`` / ``num_probes`` too:
+they set shapes, and a traced value raises an error saying so. The other numbers (``every``,
+``learning_rate``, ``decay``, ``tol``, ``momentum``, ``batch_size``) may be injected: ``init``
+checks their concrete values, a jitted ``update`` uses them traced, unchecked.
+
 Running means (:func:`track_batch_sharpness`, :func:`track_k`) are exponentially weighted: after n
 measurements x_1 … x_n the mean is ``Σ_i d^(n−i) x_i / Σ_i d^(n−i)`` with ``d = decay``, i.e. a
 debiased EMA that averages about ``(1 + d)/(1 − d)`` measurements; ``decay=None`` gives every
@@ -69,12 +75,40 @@ def _is_number(x: Any) -> bool:
   return isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and x.ndim == 0
 
 
+def _is_traced_scalar(x: Any) -> bool:
+  """True for a scalar known only inside jit: a hyperparameter that ``optax.inject_hyperparams``
+  passes to the factory again at every jitted ``update``. It cannot be checked (``init`` saw the
+  concrete value and checked it there)."""
+  return isinstance(x, jax.core.Tracer) and jnp.ndim(x) == 0
+
+
 def _check_positive_int(name: str, value: Any) -> None:
+  if _is_traced_scalar(value):
+    return
   if isinstance(value, bool) or not _is_number(value) or int(value) != value or value < 1:
     raise ValueError(f"`{name}` must be an integer >= 1; got {value!r}.")
 
 
+def _check_static_int(name: str, value: Any, what: str) -> int:
+  """``value`` as a Python int >= 1; ``what`` says why it must be static (it sets a shape or a
+  loop bound), for the error raised when ``optax.inject_hyperparams`` traces it."""
+  if isinstance(value, jax.core.Tracer):
+    raise ValueError(
+        f"`{name}` {what} and must be a static Python int; under optax.inject_hyperparams list "
+        "it in `static_args`."
+    )
+  _check_positive_int(name, value)
+  return int(value)
+
+
+def _static_or_traced_int(value: Any) -> int | Array:
+  """A checked integer argument that may be traced: a Python int when concrete."""
+  return value if _is_traced_scalar(value) else int(value)
+
+
 def _check_positive_float(name: str, value: Any) -> None:
+  if _is_traced_scalar(value):
+    return
   if not _is_number(value) or not float(value) > 0.0:
     raise ValueError(f"`{name}` must be a number > 0; got {value!r}.")
 
@@ -85,7 +119,7 @@ def _check_callable(name: str, value: Any, signature: str) -> None:
 
 
 def _check_decay(decay: Any) -> None:
-  if decay is None:
+  if decay is None or _is_traced_scalar(decay):
     return
   if not _is_number(decay) or not 0.0 <= float(decay) < 1.0:
     raise ValueError(f"`decay` must be in [0, 1) or None (all-time mean); got {decay!r}.")
@@ -94,7 +128,7 @@ def _check_decay(decay: Any) -> None:
 def _check_learning_rate(learning_rate: Any, *, optional: bool) -> None:
   if learning_rate is None and optional:
     return
-  if callable(learning_rate):
+  if callable(learning_rate) or _is_traced_scalar(learning_rate):
     return
   if not _is_number(learning_rate) or not float(learning_rate) > 0.0:
     what = "a number > 0, an optax schedule" + (" or None" if optional else "")
@@ -102,6 +136,8 @@ def _check_learning_rate(learning_rate: Any, *, optional: bool) -> None:
 
 
 def _check_momentum(momentum: Any) -> None:
+  if _is_traced_scalar(momentum):
+    return
   if not _is_number(momentum) or not 0.0 <= float(momentum) < 1.0:
     raise ValueError(f"`momentum` must be in [0, 1); got {momentum!r}.")
 
@@ -309,15 +345,14 @@ def track_lambda_max(
   """
   _check_callable("loss_fn", loss_fn, "loss_fn(params, batch) -> scalar")
   _check_positive_int("every", every)
-  _check_positive_int("num_iters", num_iters)
+  num_iters = _check_static_int("num_iters", num_iters, "sets the size of the Lanczos basis")
   if method not in LAMBDA_MAX_METHODS:
     raise ValueError(f"`method` must be one of {LAMBDA_MAX_METHODS}; got {method!r}.")
   if not isinstance(warm_start, bool):
     raise ValueError(f"`warm_start` must be a bool; got {warm_start!r}.")
   _check_positive_float("tol", tol)
   base_key = _prng_key(seed)
-  num_iters = int(num_iters)
-  every = int(every)
+  every = _static_or_traced_int(every)
 
   def random_unit(key: Array, params: PyTree) -> PyTree:
     """A random unit vector, float32, shaped like params (one normal draw of size P)."""
@@ -451,7 +486,7 @@ def track_batch_sharpness(
   _check_positive_int("every", every)
   _check_learning_rate(learning_rate, optional=True)
   _check_decay(decay)
-  every = int(every)
+  every = _static_or_traced_int(every)
 
   def init_fn(params: PyTree) -> TrackBatchSharpnessState:
     del params
@@ -600,14 +635,13 @@ def track_k(
   _check_learning_rate(learning_rate, optional=False)
   _check_momentum(momentum)
   _check_positive_int("every", every)
-  _check_positive_int("num_probes", num_probes)
+  num_probes = _check_static_int("num_probes", num_probes, "sets the number of probes (a shape)")
   if estimator not in TRACE_ESTIMATORS:
     raise ValueError(f"`estimator` must be one of {TRACE_ESTIMATORS}; got {estimator!r}.")
   estimators.check_probe_scope(probe_scope, axis_name)
   _check_decay(decay)
   base_key = _prng_key(seed)
-  every = int(every)
-  num_probes = int(num_probes)
+  every = _static_or_traced_int(every)
 
   def init_fn(params: PyTree) -> TrackKState:
     del params

@@ -414,6 +414,82 @@ def test_missing_batch_or_params_raise(params, index):
 
 
 # ---------------------------------------------------------------------------------------------
+# optax.inject_hyperparams: numbers may be injected (traced inside jit), shapes must be static.
+
+INJECTED = {
+    # name: (factory, static_args, kwargs); every kwarg that is not static is injected.
+    "lambda_max": (kstep.track_lambda_max, ("loss_fn", "num_iters"),
+                   dict(loss_fn=loss_fn, every=2, num_iters=30, tol=1e-5, seed=3)),
+    "batch_sharpness": (kstep.track_batch_sharpness, ("loss_fn",),
+                        dict(loss_fn=loss_fn, every=2, learning_rate=0.1, decay=0.7)),
+    "k": (kstep.track_k, ("apply_fn", "num_probes"),
+          dict(apply_fn=apply_fn, batch_size=8, learning_rate=0.1, momentum=0.5, every=2,
+               num_probes=2, decay=0.5, seed=3)),
+}
+
+
+def _run_tracker(opt, params, batches, state=None):
+  """Jitted SGD (lr 0.1) with ``opt`` after it; returns the state after ``batches``."""
+  sgd = optax.sgd(0.1)
+  state = (sgd.init(params), opt.init(params)) if state is None else state
+
+  @jax.jit
+  def step(params, state, batch):
+    grads = jax.grad(loss_fn)(params, batch)
+    updates, sgd_state = sgd.update(grads, state[0], params)
+    updates, opt_state = opt.update(updates, state[1], params, batch=batch)
+    return optax.apply_updates(params, updates), (sgd_state, opt_state)
+
+  for batch in batches:
+    params, state = step(params, state, batch)
+  return params, state
+
+
+@pytest.mark.parametrize("name", sorted(INJECTED))
+def test_inject_hyperparams_matches_plain_tracker(params, batches, name):
+  factory, static, kwargs = INJECTED[name]
+  injected = optax.inject_hyperparams(factory, static_args=static)(**kwargs)
+  _, (_, state) = _run_tracker(injected, params, batches)
+  _, (_, plain) = _run_tracker(factory(**kwargs), params, batches)
+  assert set(state.hyperparams) == set(kwargs) - set(static)
+  expected = kstep.stats(plain)
+  got = kstep.stats(state.inner_state)
+  assert set(got) == set(expected)
+  for field, value in expected.items():
+    np.testing.assert_allclose(got[field], value, rtol=1e-5, err_msg=field)
+  assert int(got[f"{name}_num_measurements"]) == 3
+
+
+@pytest.mark.parametrize("name, field", [("batch_sharpness", "edge_ratio"), ("k", "k")])
+def test_injected_learning_rate_changes_edge_ratio_and_k(params, batches, name, field):
+  factory, static, kwargs = INJECTED[name]
+  opt = optax.inject_hyperparams(factory, static_args=static)(**kwargs)
+  p, state = _run_tracker(opt, params, batches[:4])  # measured on steps 0 and 2
+  before = kstep.stats(state[1].inner_state)
+  state[1].hyperparams["learning_rate"] = jnp.asarray(0.3, jnp.float32)
+  _, state = _run_tracker(opt, p, batches[4:5], state)  # step 4 measures again
+  after = kstep.stats(state[1].inner_state)
+  # Same measurement as the plain tracker with η = 0.1, only the reported η changed.
+  _, (_, plain) = _run_tracker(factory(**kwargs), params, batches)
+  plain = kstep.stats(plain)
+  np.testing.assert_allclose(after[field], 3.0 * plain[field], rtol=1e-5)
+  assert after[field] > 2.0 * before[field]
+  if name == "k":
+    np.testing.assert_allclose(after["k_learning_rate"], 0.3, rtol=1e-6)
+    np.testing.assert_allclose(after["k_trace"], plain["k_trace"], rtol=1e-5)
+
+
+@pytest.mark.parametrize("name, arg", [("lambda_max", "num_iters"), ("k", "num_probes")])
+def test_inject_hyperparams_shape_arguments_must_be_static(params, batches, name, arg):
+  factory, static, kwargs = INJECTED[name]
+  opt = optax.inject_hyperparams(factory, static_args=tuple(a for a in static if a != arg))(
+      **kwargs
+  )
+  with pytest.raises(ValueError, match=f"`{arg}`.*static_args"):
+    _run_tracker(opt, params, batches[:1])
+
+
+# ---------------------------------------------------------------------------------------------
 # The EoS / EoSS claims, with the example's training code.
 
 
@@ -438,24 +514,42 @@ def test_eoss_short():
   assert np.all(rec["lambda_max"][-5:] < 2.0 / lr)
 
 
+def _eoss_runs(eos, seed):
+  """The example's default SGD runs (generated data): ``{B: summary over the last half}``."""
+  _, _, lr, steps, batch_sizes, n = eos.DEFAULTS["generated"]
+  data = eos.make_data(n, kind="random", seed=seed)
+  return lr, {
+      b: eos.summarize(eos.train(data, learning_rate=lr, batch_size=b, steps=steps,
+                                 log_every=100, seed=seed), lr)
+      for b in batch_sizes
+  }
+
+
+def _assert_eoss(runs):
+  for b, s in runs.items():
+    assert 0.75 <= s["batch_sharpness/edge"] <= 1.25, (b, s)
+    assert s["lambda_max/edge"] < 0.75, (b, s)
+  lams = [s["lambda_max/edge"] for s in runs.values()]
+  # λ_max is lower for smaller batches (EoSS), strictly.
+  assert all(a < b for a, b in zip(lams, lams[1:])), lams
+
+
+def test_eoss_example_defaults_lambda_max_increases_with_batch_size():
+  """The example's SGD runs, seed 0 (about 15 s): Batch Sharpness at 2/η for B = 8, 16, 32,
+  λ_max below it and increasing in B (measured 0.23, 0.30, 0.42 of 2/η)."""
+  _, runs = _eoss_runs(_example(), seed=0)
+  _assert_eoss(runs)
+
+
 @pytest.mark.slow
 def test_eos_and_eoss_example_settings():
-  """The example's default settings: EoS under GD, EoSS for B = 8, 16, 32 (a few minutes)."""
+  """The example's default settings: EoS under GD, EoSS for B = 8, 16, 32 over three seeds."""
   eos = _example()
-  gd_lr, gd_steps, sgd_lr, sgd_steps, batch_sizes = eos.DEFAULTS["generated"]
+  gd_lr, gd_steps = eos.DEFAULTS["generated"][:2]
   rec = eos.train(eos.make_data(1000, kind="teacher"), learning_rate=gd_lr, batch_size=None,
                   steps=gd_steps, log_every=20, sharpness_every=None)
   s = eos.summarize(rec, gd_lr)
   assert 0.9 <= s["lambda_max/edge"] <= 1.1, s  # measured: 1.02
-  data = eos.make_data(1000, kind="random")
-  lams = []
-  for b in batch_sizes:
-    rec = eos.train(data, learning_rate=sgd_lr, batch_size=b, steps=sgd_steps, log_every=100)
-    s = eos.summarize(rec, sgd_lr)
-    assert 0.75 <= s["batch_sharpness/edge"] <= 1.25, (b, s)
-    assert s["lambda_max/edge"] < 0.75, (b, s)
-    lams.append(s["lambda_max/edge"])
-  # λ_max is lower for smaller batches: measured 0.42, 0.36, 0.50 (B = 8, 16, 32; 8 vs 16 is
-  # within the seed-to-seed spread, another init gave 0.32, 0.34, 0.52), so only the largest
-  # batch is checked against the smaller ones.
-  assert lams[-1] > max(lams[:-1]), lams
+  # Measured λ_max/(2/η): 0.23, 0.30, 0.42 / 0.26, 0.29, 0.41 / 0.26, 0.30, 0.42 (seeds 0, 1, 2).
+  for seed in (1, 2):  # seed 0: the fast test above
+    _assert_eoss(_eoss_runs(eos, seed)[1])
