@@ -12,13 +12,12 @@ inside ``jax.shard_map`` (both ``check_vma`` modes) and ``jax.pmap`` with ``axis
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import load_example
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -351,6 +350,29 @@ def test_track_k_sharded_equals_single_device(params):
   assert float(kstep.stats(got[1])["k"]) > 0
 
 
+@pytest.mark.parametrize("probes", [1, 3])
+def test_k_first_measurement_sharded_equals_single_device(params, probes):
+  """K itself, at the first measurement (before any float drift of the params): 1e-5."""
+  def k_after_one_step(step, p, state, put):
+    _, state = run(step, p, state, batches(1), put)
+    return kstep.stats(state)["k"]
+
+  mk = lambda axis: optax.chain(optax.sgd(0.5), kstep.track_k(
+      apply_mlp, batch_size=B, learning_rate=0.5, loss="softmax_cross_entropy",
+      num_probes=probes, axis_name=axis))
+  ref_opt, sm_opt, jit_opt = mk(None), mk("data"), mk(None)
+  ref = k_after_one_step(jit_step(ref_opt), params, ref_opt.init(params), lambda b: b)
+  rep = jax.device_put(params, REPLICATED)
+  sm = k_after_one_step(shard_map_step(sm_opt), rep,
+                        jax.device_put(sm_opt.init(params), REPLICATED), with_guard_put)
+  step, p = jit_step(jit_opt), fsdp(params)
+  state = place_state(step, p, jit_opt.init(p), jax.device_put(make_batch(), DATA))
+  jt = k_after_one_step(step, p, state, with_guard_put)
+  assert float(ref) > 0
+  close(sm, ref)
+  close(jt, ref)
+
+
 @pytest.mark.parametrize("layout", sorted(PARAM_LAYOUTS))
 def test_state_shardings_stable_across_steps(params, layout):
   opt = make_opt()
@@ -365,20 +387,8 @@ def test_state_shardings_stable_across_steps(params, layout):
   assert step._cache_size() == 1
 
 
-@functools.lru_cache(maxsize=None)
-def _example():
-  import importlib.util
-  import pathlib
-
-  path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "data_parallel.py"
-  spec = importlib.util.spec_from_file_location("data_parallel_example", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def test_data_parallel_example_runs_and_matches_one_device():
-  ex = _example()
+  ex = load_example("data_parallel")
   result = ex.main(["--steps", "12", "--batch-size", "64", "--n-train", "2048", "--no-timing"])
   assert result["num_devices"] == NDEV
   assert result["max_param_rel_diff"] < 1e-4

@@ -1,13 +1,12 @@
 """Tests of kstep.diagnostics: pass-through, values vs dense references, jit hygiene, EoSS."""
 
-import importlib.util
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import load_example
 from jax.flatten_util import ravel_pytree
 
 import kstep
@@ -494,11 +493,7 @@ def test_inject_hyperparams_shape_arguments_must_be_static(params, batches, name
 
 
 def _example():
-  path = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "edge_of_stability.py")
-  spec = importlib.util.spec_from_file_location("edge_of_stability", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_example("edge_of_stability")
 
 
 def test_eoss_short():
