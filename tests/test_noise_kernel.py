@@ -489,6 +489,46 @@ def test_fig1_growth_is_the_edge(fig1):
   assert k[0.078] < 1.0
 
 
+def _simulate_momentum_sgd(j, etas, b, steps, seeds, momentum):
+  """Heavy-ball SGD in optax's convention (v ← g + μ v, θ ← θ − η v, eq. 53–54) on the residual:
+  with w = J v, w ← (1/B) J J_Bᵀ z_B + μ w and z ← z − η w. Final loss / initial loss as in
+  :func:`_simulate_sgd`."""
+  n = j.shape[0]
+  gram = j @ j.T
+  etas = np.asarray(etas, np.float64)
+  rngs = [np.random.default_rng(seed) for seed in seeds]
+  y = np.stack([rng.standard_normal(n) for rng in rngs])
+  idx = np.stack([np.argsort(rng.random((steps, n)), axis=1)[:, :b] for rng in rngs], axis=1)
+  z = np.broadcast_to(-y[:, None, :], (len(seeds), etas.size, n)).copy()
+  w = np.zeros_like(z)
+  loss0 = np.mean(z**2, axis=-1)
+  with np.errstate(over="ignore", invalid="ignore"):
+    for t in range(steps):
+      batch = idx[t]
+      zb = np.take_along_axis(z, batch[:, None, :], axis=2)
+      w = (zb @ gram[batch]) / b + momentum * w
+      z -= etas[None, :, None] * w
+    return np.mean(z**2, axis=-1) / loss0
+
+
+@pytest.mark.parametrize("momentum", [0.5, 0.9])
+def test_fig1_momentum_edge_is_k_tr_one(momentum):
+  """Eq. 18 with momentum: on the Figure 1 problem, heavy-ball SGD at the step that puts
+  K_tr = η T / (2 (1 − μ) B) at 0.9 converges and at 1.2 diverges (3 seeds, 10⁴ steps), for
+  μ = 0.5 and 0.9: the edge sits at K_tr ≈ 1 in the units the controller uses, not at 1/(1 − μ)
+  times it (measured edge for μ = 0.9: between K_tr 1.0 and 1.1)."""
+  j = _fig1_jacobian()
+  trace = np.trace(j @ j.T / 100)
+  ks = np.array([0.9, 1.2])
+  etas = ks * 2 * (1 - momentum) * 5 / trace
+  np.testing.assert_allclose(
+      [float(noise_kernel.k_from_trace(e, 5, trace, momentum)) for e in etas], ks, rtol=1e-5
+  )
+  ratio = _simulate_momentum_sgd(j, etas, 5, 10_000, seeds=range(3), momentum=momentum)
+  assert _converged(ratio[:, 0]), ratio[:, 0]
+  assert _diverged(ratio[:, 1]), ratio[:, 1]
+
+
 # ----------------------------------------------------------------------------------------------
 # jit, rank deficiency.
 
