@@ -242,11 +242,11 @@ def gauss_newton_trace(
       ``shard_map``/``pmap``; ``None`` otherwise (also under ``jit`` with sharded arrays).
     probe_scope: ``"global"`` or ``"per_shard"`` (only with ``axis_name``).
 
-  Raises:
-    ValueError: an argument is out of range (named in the message).
-
   Returns:
     ``TraceEstimate(value, stderr)`` in float32, the same on every device.
+
+  Raises:
+    ValueError: an argument is out of range (named in the message).
   """
   _check_method(method)
   _check_positive_int("num_probes", num_probes)
