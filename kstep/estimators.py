@@ -390,26 +390,68 @@ def gauss_newton_vp(
   return _psum(out, axis_name)
 
 
-def _initial_vector(init: PyTree | None, key: Array | None, flat_params: Array) -> Array:
+def _scale(a: Array, x: PyTree) -> PyTree:
+  return jax.tree.map(lambda xi: a * xi, x)
+
+
+def _sub(x: PyTree, y: PyTree) -> PyTree:
+  return jax.tree.map(jnp.subtract, x, y)
+
+
+def _where(cond: Array, x: PyTree, y: PyTree) -> PyTree:
+  return jax.tree.map(lambda xi, yi: jnp.where(cond, xi, yi), x, y)
+
+
+def _norm(x: PyTree) -> Array:
+  return jnp.sqrt(_sq_norm(x))
+
+
+def _unit(x: PyTree) -> tuple[PyTree, Array]:
+  """``(x / ‖x‖, ‖x‖)``, with ``x`` itself returned where ``‖x‖ = 0``."""
+  n = _norm(x)
+  return _scale(jnp.where(n > 0, 1.0 / jnp.where(n > 0, n, 1.0), 1.0), x), n
+
+
+def _ones_unit(like: PyTree) -> PyTree:
+  size = sum(x.size for x in jax.tree.leaves(like))
+  return jax.tree.map(lambda x: jnp.full(x.shape, 1.0 / size**0.5, jnp.float32), like)
+
+
+# Vectors in the eigensolvers are float32 pytrees shaped like params (not one flat vector): each
+# leaf keeps the layout of its parameter, so under jit with sharded (e.g. FSDP) params the Lanczos
+# basis and the eigenvector are sharded like them rather than gathered and replicated.
+
+
+def _initial_vector(init: PyTree | None, key: Array | None, p32: PyTree) -> PyTree:
   if init is not None:
-    v0 = ravel_pytree(_f32(init))[0]
+    v0 = _f32(init)
   else:
     k = jax.random.PRNGKey(0) if key is None else key
-    v0 = jax.random.normal(k, flat_params.shape, jnp.float32)
-  norm = jnp.linalg.norm(v0)
+    flat, unravel = ravel_pytree(p32)  # one draw of size P (see gauss_newton_trace)
+    v0 = unravel(jax.random.normal(k, flat.shape, jnp.float32))
+  v0, norm = _unit(v0)
   # A zero start (e.g. the eigenvector of an all-zero Hessian) falls back to a fixed direction.
-  fallback = jnp.ones_like(v0) / jnp.sqrt(jnp.float32(v0.size))
-  return jnp.where(norm > 0, v0 / jnp.where(norm > 0, norm, 1.0), fallback)
+  return _where(norm > 0, v0, _ones_unit(v0))
 
 
-def _lanczos(matvec: Callable[[Array], Array], v0: Array, max_iters: int, tol: float):
+def _lanczos(matvec: Callable[[PyTree], PyTree], v0: PyTree, max_iters: int, tol: float):
   """Lanczos with full reorthogonalisation; stops when the Ritz residual ≤ tol·|θ|.
 
-  Returns the top Ritz vector (unit norm) and the number of products used.
+  Returns the top Ritz vector (unit norm) and the number of products used. The basis is a pytree
+  whose leaves carry the m Lanczos vectors on a leading axis.
   """
-  n, m = v0.shape[0], max_iters
+  m = max_iters
   tiny = jnp.finfo(jnp.float32).tiny
   idx = jnp.arange(m)
+
+  def coefficients(basis, w):  # (m,): ⟨basis_j, w⟩
+    return sum(
+        jnp.tensordot(bl, wl, axes=wl.ndim)
+        for bl, wl in zip(jax.tree.leaves(basis), jax.tree.leaves(w))
+    )
+
+  def combine(c, basis):  # Σ_j c_j basis_j
+    return jax.tree.map(lambda bl: jnp.tensordot(c, bl, axes=1), basis)
 
   def ritz(alphas, betas, k):
     used = idx <= k
@@ -428,30 +470,32 @@ def _lanczos(matvec: Callable[[Array], Array], v0: Array, max_iters: int, tol: f
 
   def body(state):
     k, basis, alphas, betas, v, v_prev, beta_prev, _ = state
-    basis = basis.at[k].set(v)
+    basis = jax.tree.map(lambda bl, vl: bl.at[k].set(vl), basis, v)
     w = matvec(v)
-    a = jnp.vdot(w, v)
-    w = w - a * v - beta_prev * v_prev
-    w = w - basis.T @ (basis @ w)
-    w = w - basis.T @ (basis @ w)
-    b = jnp.linalg.norm(w)
+    a = _vdot(w, v)
+    w = jax.tree.map(lambda wl, vl, pl: wl - a * vl - beta_prev * pl, w, v, v_prev)
+    w = _sub(w, combine(coefficients(basis, w), basis))
+    w = _sub(w, combine(coefficients(basis, w), basis))
+    b = _norm(w)
     alphas = alphas.at[k].set(a)
     betas = betas.at[k].set(b)
     theta, s = ritz(alphas, betas, k)
     scale = jnp.maximum(jnp.abs(theta), jnp.max(jnp.abs(alphas)))
     converged = jnp.abs(b * s[k]) <= tol * jnp.maximum(jnp.abs(theta), tiny)
     breakdown = b <= 1e-6 * jnp.maximum(scale, tiny)
-    v_next = jnp.where(breakdown, jnp.zeros_like(w), w / jnp.where(breakdown, 1.0, b))
+    v_next = _scale(jnp.where(breakdown, 0.0, 1.0 / jnp.where(breakdown, 1.0, b)), w)
     return k + 1, basis, alphas, betas, v_next, v, b, jnp.logical_or(converged, breakdown)
 
+  zeros = jax.tree.map(jnp.zeros_like, v0)
   init = (
-      jnp.int32(0), jnp.zeros((m, n), jnp.float32), jnp.zeros((m,), jnp.float32),
-      jnp.zeros((m,), jnp.float32), v0, jnp.zeros_like(v0), jnp.float32(0.0), jnp.bool_(False),
+      jnp.int32(0), jax.tree.map(lambda x: jnp.zeros((m,) + x.shape, jnp.float32), v0),
+      jnp.zeros((m,), jnp.float32), jnp.zeros((m,), jnp.float32), v0, zeros, jnp.float32(0.0),
+      jnp.bool_(False),
   )
   k, basis, alphas, betas, *_ = jax.lax.while_loop(cond, body, init)
   _, s = ritz(alphas, betas, k - 1)
-  y = basis.T @ s
-  return y / jnp.linalg.norm(y), k
+  y, _ = _unit(combine(s, basis))
+  return y, k
 
 
 def _power(matvec, v0, shift, max_iters, tol):
@@ -465,12 +509,11 @@ def _power(matvec, v0, shift, max_iters, tol):
   def body(state):
     k, v, _, _ = state
     w = matvec(v)
-    theta = jnp.vdot(v, w)
-    done = jnp.linalg.norm(w - theta * v) <= tol * jnp.maximum(jnp.abs(theta), tiny)
-    z = w - shift * v
-    nz = jnp.linalg.norm(z)
-    v_next = jnp.where(nz > 0, z / jnp.where(nz > 0, nz, 1.0), v)
-    return k + 1, jnp.where(done, v, v_next), theta, jnp.logical_or(done, nz == 0)
+    theta = _vdot(v, w)
+    done = _norm(_sub(w, _scale(theta, v))) <= tol * jnp.maximum(jnp.abs(theta), tiny)
+    z, nz = _unit(_sub(w, _scale(shift, v)))
+    v_next = _where(nz > 0, z, v)
+    return k + 1, _where(done, v, v_next), theta, jnp.logical_or(done, nz == 0)
 
   k, v, theta, _ = jax.lax.while_loop(
       cond, body, (jnp.int32(0), v0, jnp.float32(0.0), jnp.bool_(False))
@@ -479,7 +522,7 @@ def _power(matvec, v0, shift, max_iters, tol):
 
 
 def _top_eigenpair(
-    matvec: Callable[[Array], Array], v0: Array, unravel, *, num_iters: int, method: str, tol: float
+    matvec: Callable[[PyTree], PyTree], v0: PyTree, *, num_iters: int, method: str, tol: float
 ) -> LambdaMax:
   if method == "lanczos":
     y, used = _lanczos(matvec, v0, num_iters, tol)
@@ -492,14 +535,13 @@ def _top_eigenpair(
       # Restart from v0 with v1 projected out: v1 is already an eigenvector of H, so started there
       # the second pass would meet its stopping rule at once and return the negative eigenvalue.
       def away_from_v1(x):
-        x = x - jnp.vdot(v1, x) * v1
-        return x, jnp.linalg.norm(x)
+        return _unit(_sub(x, _scale(_vdot(v1, x), v1)))
 
       w, nw = away_from_v1(v0)
-      w_alt, nw_alt = away_from_v1(jnp.ones_like(v0) / jnp.sqrt(jnp.float32(v0.size)))
+      w_alt, nw_alt = away_from_v1(_ones_unit(v0))
       use_alt = nw < 1e-3
-      w, nw = jnp.where(use_alt, w_alt, w), jnp.where(use_alt, nw_alt, nw)
-      start = jnp.where(nw > 0, w / jnp.where(nw > 0, nw, 1.0), v1)
+      w, nw = _where(use_alt, w_alt, w), jnp.where(use_alt, nw_alt, nw)
+      start = _where(nw > 0, w, v1)
       v2, _, k2 = _power(matvec, start, theta1, num_iters - k1, tol)
       return v2, k1 + k2
 
@@ -507,9 +549,9 @@ def _top_eigenpair(
   else:
     raise ValueError(f'`method` must be "lanczos" or "power"; got {method!r}.')
   hy = matvec(y)
-  theta = jnp.vdot(y, hy)
-  residual = jnp.linalg.norm(hy - theta * y)
-  return LambdaMax(theta, unravel(y), residual, used)
+  theta = _vdot(y, hy)
+  residual = _norm(_sub(hy, _scale(theta, y)))
+  return LambdaMax(theta, y, residual, used)
 
 
 def lambda_max(
@@ -550,12 +592,9 @@ def lambda_max(
   """
   _check_positive_int("num_iters", num_iters)
   p32 = _f32(params)
-  flat, unravel = ravel_pytree(p32)
-  matvec = lambda x: ravel_pytree(
-      hvp(loss_fn, p32, batch, unravel(x), axis_name=axis_name)
-  )[0].astype(jnp.float32)
-  v0 = _initial_vector(init, key, flat)
-  return _top_eigenpair(matvec, v0, unravel, num_iters=num_iters, method=method, tol=tol)
+  matvec = lambda x: _f32(hvp(loss_fn, p32, batch, x, axis_name=axis_name))
+  v0 = _initial_vector(init, key, p32)
+  return _top_eigenpair(matvec, v0, num_iters=num_iters, method=method, tol=tol)
 
 
 def gauss_newton_lambda_max(
@@ -578,13 +617,12 @@ def gauss_newton_lambda_max(
   """
   _check_positive_int("num_iters", num_iters)
   p32 = _f32(params)
-  flat, unravel = ravel_pytree(p32)
   spec = losses_lib.resolve_loss(loss)
-  matvec = lambda x: ravel_pytree(
-      gauss_newton_vp(apply_fn, p32, batch, unravel(x), loss=spec, axis_name=axis_name)
-  )[0].astype(jnp.float32)
-  v0 = _initial_vector(init, key, flat)
-  return _top_eigenpair(matvec, v0, unravel, num_iters=num_iters, method=method, tol=tol)
+  matvec = lambda x: _f32(
+      gauss_newton_vp(apply_fn, p32, batch, x, loss=spec, axis_name=axis_name)
+  )
+  v0 = _initial_vector(init, key, p32)
+  return _top_eigenpair(matvec, v0, num_iters=num_iters, method=method, tol=tol)
 
 
 def batch_curvature(
