@@ -16,14 +16,20 @@ On a CPU, simulate devices (the flag must be set before JAX starts)::
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python examples/data_parallel.py
 
-Multi-host: start the same script on every host after ``jax.distributed.initialize()``; each
-process passes only its own rows to ``jax.make_array_from_process_local_data`` (as done here with
-one process), and ``jax.devices()`` spans all hosts.
+Multi-host: start the same script on every host with ``--coordinator-address host:port
+--num-processes N --process-id i`` (it calls ``jax.distributed.initialize``); ``jax.devices()``
+then spans all hosts and each process hands only its own rows of every batch to
+``jax.make_array_from_process_local_data``. Two processes on one CPU machine, 4 devices each::
+
+    for i in 0 1; do XLA_FLAGS=--xla_force_host_platform_device_count=4 python \
+      examples/data_parallel.py --coordinator-address localhost:12355 --num-processes 2 \
+      --process-id $i & done; wait
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 
@@ -60,9 +66,11 @@ def load_data(data_dir: str | None, n: int) -> tuple[np.ndarray, np.ndarray]:
   return x.astype(np.float32), y.astype(np.int32)
 
 
-def train(args, x, y, data: jax.sharding.Sharding, replicated: jax.sharding.Sharding):
-  """Trains with batches placed by ``data`` and params by ``replicated``; returns (params,
-  losses, steps per second after compilation, kstep stats, number of compilations)."""
+def train(args, x, y, data: jax.sharding.Sharding, replicated: jax.sharding.Sharding,
+          rows: slice = slice(None)):
+  """Trains with batches placed by ``data`` and params by ``replicated``; this process holds
+  ``rows`` of every batch. Returns (params, losses, steps per second after compilation, kstep
+  stats, number of compilations)."""
   model = MLP()
   apply_fn = lambda p, batch: model.apply(p, batch["x"])
 
@@ -83,7 +91,7 @@ def train(args, x, y, data: jax.sharding.Sharding, replicated: jax.sharding.Shar
 
   def put(batch):
     # Each process hands over its own rows; with one process these are all rows.
-    return jax.tree.map(lambda a: jax.make_array_from_process_local_data(data, a), batch)
+    return jax.tree.map(lambda a: jax.make_array_from_process_local_data(data, a[rows]), batch)
 
   params = jax.device_put(model.init(jax.random.PRNGKey(0), x[:1]), replicated)
   rng = np.random.default_rng(1)
@@ -118,18 +126,27 @@ def main(argv: list[str] | None = None) -> dict:
   parser.add_argument("--batch-size", type=int, default=128, help="global batch size")
   parser.add_argument("--learning-rate", type=float, default=1.0, help="base learning rate")
   parser.add_argument("--no-timing", action="store_true", help="skip the steps/s report")
+  parser.add_argument("--coordinator-address", default=None, help="host:port of process 0")
+  parser.add_argument("--num-processes", type=int, default=1)
+  parser.add_argument("--process-id", type=int, default=0)
+  parser.add_argument("--result-json", default=None, help="also write the result here")
   args = parser.parse_args(argv)
 
+  if args.coordinator_address is not None:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU devices across processes
+    jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
   devices = jax.devices()
   if args.batch_size % len(devices):
     parser.error(f"--batch-size {args.batch_size} must be a multiple of {len(devices)} devices")
   mesh = jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
   x, y = load_data(args.data_dir, args.n_train)
 
+  per_process = args.batch_size // jax.process_count()
+  mine = slice(jax.process_index() * per_process, (jax.process_index() + 1) * per_process)
   p_dp, loss_dp, rate_dp, stats_dp, comp_dp = train(
-      args, x, y, NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+      args, x, y, NamedSharding(mesh, P("data")), NamedSharding(mesh, P()), mine
   )
-  one = jax.sharding.SingleDeviceSharding(devices[0])
+  one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   p_one, loss_one, rate_one, _, comp_one = train(args, x, y, one, one)
   diff = max(
       float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-12))
@@ -137,14 +154,15 @@ def main(argv: list[str] | None = None) -> dict:
   )
   result = {
       "device": devices[0].device_kind, "platform": devices[0].platform,
-      "num_devices": len(devices), "global_batch_size": args.batch_size,
+      "num_devices": len(devices), "num_processes": jax.process_count(),
+      "global_batch_size": args.batch_size,
       "final_loss": loss_dp[-1], "final_loss_one_device": loss_one[-1],
       "final_k": float(stats_dp["k"]), "final_learning_rate": float(stats_dp["learning_rate"]),
       "max_param_rel_diff": diff,
       "compilations": (comp_dp, comp_one),
   }
-  print(f"{len(devices)} x {devices[0].device_kind} ({devices[0].platform}), global batch "
-        f"{args.batch_size}, {args.steps} steps")
+  print(f"{len(devices)} x {devices[0].device_kind} ({devices[0].platform}) in "
+        f"{jax.process_count()} process(es), global batch {args.batch_size}, {args.steps} steps")
   print(f"final loss: data parallel {loss_dp[-1]:.4f}, one device {loss_one[-1]:.4f}; "
         f"K {result['final_k']:.3f}, lr {result['final_learning_rate']:.4g}")
   print(f"largest relative difference of the final params: {diff:.2e}")
@@ -152,6 +170,9 @@ def main(argv: list[str] | None = None) -> dict:
     result.update(steps_per_s=rate_dp, steps_per_s_one_device=rate_one)
     print(f"steps/s: data parallel {rate_dp:.1f}, one device {rate_one:.1f} "
           f"(ratio {rate_dp / rate_one:.2f})")
+  if args.result_json is not None:
+    with open(args.result_json, "w") as f:
+      json.dump(result, f)
   return result
 
 
