@@ -26,6 +26,10 @@ Names are unique across the three trackers, so all three fit in one chain. The K
 raises, and each value must be read from its own sub-state (a controlled run has no use for
 :func:`track_k` anyway).
 
+Data parallel: under ``jax.jit`` with a sharded batch the trackers need nothing; inside
+``shard_map``/``pmap`` pass ``axis_name`` (the axis the batch is split over) and they measure on
+the global batch, the same numbers as one device (see :mod:`kstep.estimators`).
+
 Under ``optax.inject_hyperparams``, list ``loss_fn`` / ``apply_fn`` (and a callable ``loss``) in
 ``static_args`` (it treats every callable as a schedule), and ``num_iters`` / ``num_probes`` too:
 they set shapes, and a traced value raises an error saying so. The other numbers (``every``,
