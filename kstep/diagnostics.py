@@ -54,7 +54,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.flatten_util import ravel_pytree
 
 from kstep import estimators, losses, noise_kernel
 
@@ -358,23 +357,16 @@ def track_lambda_max(
   base_key = _prng_key(seed)
   every = _static_or_traced_int(every)
 
-  def random_unit(key: Array, params: PyTree) -> PyTree:
-    """A random unit vector, float32, shaped like params (one normal draw of size P)."""
-    flat, unravel = ravel_pytree(jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), jnp.float32),
-                                              params))
-    v = jax.random.normal(key, flat.shape, jnp.float32)
-    return unravel(v / jnp.linalg.norm(v))
-
   def init_fn(params: PyTree) -> TrackLambdaMaxState:
     return TrackLambdaMaxState(
-        count=_izero(), key=base_key, eigenvector=random_unit(base_key, params),
+        count=_izero(), key=base_key, eigenvector=estimators.random_unit(base_key, params),
         lambda_max=_zero(), lambda_max_residual=_zero(), lambda_max_iters=_izero(),
         lambda_max_num_measurements=_izero(), lambda_max_num_skipped=_izero(),
     )
 
   def measure(state: TrackLambdaMaxState, params: PyTree, batch: Any) -> TrackLambdaMaxState:
     key = jax.random.fold_in(state.key, state.count)
-    start = state.eigenvector if warm_start else random_unit(key, state.eigenvector)
+    start = state.eigenvector if warm_start else None  # None: a random start drawn from `key`
     res = estimators.lambda_max(
         loss_fn, params, batch, num_iters=num_iters, method=method, init=start, key=key, tol=tol,
         axis_name=axis_name,

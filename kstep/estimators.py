@@ -418,18 +418,20 @@ def _ones_unit(like: PyTree) -> PyTree:
 
 
 # Vectors in the eigensolvers are float32 pytrees shaped like params (not one flat vector): each
-# leaf keeps the layout of its parameter, so under jit with sharded (e.g. FSDP) params the Lanczos
-# basis and the eigenvector are sharded like them rather than gathered and replicated.
+# leaf keeps the layout of its parameter, and no product concatenates or splits the whole vector,
+# so under jit with sharded (e.g. FSDP) params the compiler is free to shard them like the params.
+
+
+def random_unit(key: Array, like: PyTree) -> PyTree:
+  """A random unit vector, float32, shaped like ``like`` (one normal draw of size P)."""
+  flat, unravel = ravel_pytree(jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), jnp.float32), like))
+  return _unit(unravel(jax.random.normal(key, flat.shape, jnp.float32)))[0]
 
 
 def _initial_vector(init: PyTree | None, key: Array | None, p32: PyTree) -> PyTree:
-  if init is not None:
-    v0 = _f32(init)
-  else:
-    k = jax.random.PRNGKey(0) if key is None else key
-    flat, unravel = ravel_pytree(p32)  # one draw of size P (see gauss_newton_trace)
-    v0 = unravel(jax.random.normal(k, flat.shape, jnp.float32))
-  v0, norm = _unit(v0)
+  if init is None:
+    init = random_unit(jax.random.PRNGKey(0) if key is None else key, p32)
+  v0, norm = _unit(_f32(init))
   # A zero start (e.g. the eigenvector of an all-zero Hessian) falls back to a fixed direction.
   return _where(norm > 0, v0, _ones_unit(v0))
 

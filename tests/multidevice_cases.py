@@ -340,12 +340,11 @@ def test_shard_map_training_gives_single_device_params(params, single_device_run
 
 
 def test_track_k_sharded_equals_single_device(params):
-  ref_opt, sm_opt = make_track_k(), make_track_k("data")
-  ref = run(jit_step(optax.chain(optax.sgd(0.5), ref_opt)), params,
-            optax.chain(optax.sgd(0.5), ref_opt).init(params), batches(6))
-  chain = optax.chain(optax.sgd(0.5), sm_opt)
-  got = run(shard_map_step(chain), jax.device_put(params, REPLICATED),
-            jax.device_put(chain.init(params), REPLICATED), batches(6), with_guard_put)
+  ref_opt = optax.chain(optax.sgd(0.5), make_track_k())
+  sm_opt = optax.chain(optax.sgd(0.5), make_track_k("data"))
+  ref = run(jit_step(ref_opt), params, ref_opt.init(params), batches(6))
+  got = run(shard_map_step(sm_opt), jax.device_put(params, REPLICATED),
+            jax.device_put(sm_opt.init(params), REPLICATED), batches(6), with_guard_put)
   compare_runs(ref, got)
   assert float(kstep.stats(got[1])["k"]) > 0
 
