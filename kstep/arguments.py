@@ -1,0 +1,121 @@
+"""Checks of user arguments, shared by the controller, the trackers and the estimators.
+
+Every check raises ``ValueError`` naming the argument and its allowed range. Numbers that
+``optax.inject_hyperparams`` passes traced (inside a jitted ``update``) cannot be checked there:
+``init`` saw the concrete value and checked it.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+Array = jax.Array
+
+
+def is_number(x: Any) -> bool:
+  """True for values known at construction (Python/NumPy numbers, concrete scalar arrays)."""
+  if isinstance(x, bool):
+    return False
+  if isinstance(x, numbers.Number):
+    return True
+  return isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and x.ndim == 0
+
+
+def is_traced_scalar(x: Any) -> bool:
+  """True for a scalar known only inside jit: a hyperparameter that ``optax.inject_hyperparams``
+  passes to the factory again at every jitted ``update``. It cannot be checked (``init`` saw the
+  concrete value and checked it there)."""
+  return isinstance(x, jax.core.Tracer) and jnp.ndim(x) == 0
+
+
+def check_positive_int(name: str, value: Any) -> None:
+  if is_traced_scalar(value):
+    return
+  if isinstance(value, bool) or not is_number(value) or int(value) != value or value < 1:
+    raise ValueError(f"`{name}` must be an integer >= 1; got {value!r}.")
+
+
+def check_static_int(name: str, value: Any, what: str) -> int:
+  """``value`` as a Python int >= 1; ``what`` says why it must be static (it sets a shape or a
+  loop bound), for the error raised when ``optax.inject_hyperparams`` traces it."""
+  if isinstance(value, jax.core.Tracer):
+    raise ValueError(
+        f"`{name}` {what} and must be a static Python int; under optax.inject_hyperparams list "
+        "it in `static_args`."
+    )
+  check_positive_int(name, value)
+  return int(value)
+
+
+def static_or_traced_int(value: Any) -> int | Array:
+  """A checked integer argument that may be traced: a Python int when concrete."""
+  return value if is_traced_scalar(value) else int(value)
+
+
+def check_positive_float(name: str, value: Any) -> None:
+  if is_traced_scalar(value):
+    return
+  if not is_number(value) or not float(value) > 0.0:
+    raise ValueError(f"`{name}` must be a number > 0; got {value!r}.")
+
+
+def check_callable(name: str, value: Any, signature: str) -> None:
+  if not callable(value):
+    raise ValueError(f"`{name}` must be callable {signature}; got {value!r}.")
+
+
+def check_decay(decay: Any) -> None:
+  if decay is None or is_traced_scalar(decay):
+    return
+  if not is_number(decay) or not 0.0 <= float(decay) < 1.0:
+    raise ValueError(f"`decay` must be in [0, 1) or None (all-time mean); got {decay!r}.")
+
+
+def check_learning_rate(learning_rate: Any, *, optional: bool) -> None:
+  if learning_rate is None and optional:
+    return
+  if callable(learning_rate) or is_traced_scalar(learning_rate):
+    return
+  if not is_number(learning_rate) or not float(learning_rate) > 0.0:
+    what = "a number > 0, an optax schedule" + (" or None" if optional else "")
+    raise ValueError(f"`learning_rate` must be {what}; got {learning_rate!r}.")
+
+
+def check_momentum(momentum: Any) -> None:
+  if is_traced_scalar(momentum):
+    return
+  if not is_number(momentum) or not 0.0 <= float(momentum) < 1.0:
+    raise ValueError(f"`momentum` must be in [0, 1); got {momentum!r}.")
+
+
+def prng_key(seed: int | Array) -> Array:
+  """``PRNGKey(seed)`` for an integer seed; a PRNG key (typed, or uint32 of shape (2,)) as is."""
+  if isinstance(seed, jax.Array) and (
+      jnp.issubdtype(seed.dtype, jax.dtypes.prng_key) or seed.shape == (2,)
+  ):
+    return seed
+  is_int_array = (
+      isinstance(seed, jax.Array) and seed.ndim == 0 and jnp.issubdtype(seed.dtype, jnp.integer)
+  )
+  if isinstance(seed, bool) or not (isinstance(seed, (int, np.integer)) or is_int_array):
+    raise ValueError(f"`seed` must be an int or a PRNG key; got {seed!r}.")
+  return jax.random.PRNGKey(seed)
+
+
+def schedule_value(x: optax.ScalarOrSchedule, count: Array) -> Array:
+  """A float or an optax schedule evaluated at ``count``, as a float32 scalar."""
+  return jnp.asarray(x(count) if callable(x) else x, jnp.float32)
+
+
+def check_int(name: str, value: Any) -> int:
+  """``value`` as a Python int >= 1, for arguments that set shapes or loop bounds of a pure
+  function (never traced)."""
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+    raise ValueError(f"`{name}` must be an integer >= 1; got {value!r}.")
+  return int(value)

@@ -1,0 +1,148 @@
+"""Tracks λ_max, the largest algebraic eigenvalue of the training loss's Hessian (EoS)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from kstep import arguments, estimators
+from kstep.diagnostics import common
+from kstep.estimators import AxisName
+
+Array = jax.Array
+PyTree = Any
+ScalarOrSchedule = optax.ScalarOrSchedule
+
+
+class TrackLambdaMaxState(NamedTuple):
+  """State of :func:`track_lambda_max`.
+
+  Attributes:
+    count: updates seen so far (int32).
+    key: PRNG key of the random start vectors (folded with ``count``).
+    eigenvector: unit-norm float32 pytree shaped like params, the last top eigenvector (the warm
+      start of the next solve).
+    lambda_max: the largest algebraic Hessian eigenvalue at the last measurement (0 before any).
+    lambda_max_residual: ``‖H v − λ v‖`` of the last measurement.
+    lambda_max_iters: Hessian-vector products the last solve spent (the residual check excluded).
+    lambda_max_num_measurements: valid measurements so far.
+    lambda_max_num_skipped: measurements dropped as NaN/Inf.
+  """
+
+  count: Array
+  key: Array
+  eigenvector: PyTree
+  lambda_max: Array
+  lambda_max_residual: Array
+  lambda_max_iters: Array
+  lambda_max_num_measurements: Array
+  lambda_max_num_skipped: Array
+
+  STATS_FIELDS = (
+      "lambda_max", "lambda_max_residual", "lambda_max_iters", "lambda_max_num_measurements",
+      "lambda_max_num_skipped",
+  )
+
+
+def track_lambda_max(
+    loss_fn: Callable[[PyTree, Any], Array],
+    *,
+    every: int,
+    num_iters: int = 20,
+    method: str = "lanczos",
+    warm_start: bool = True,
+    tol: float = 1e-3,
+    seed: int | Array = 0,
+    axis_name: AxisName = None,
+) -> optax.GradientTransformationExtraArgs:
+  """Records λ_max, the largest algebraic eigenvalue of the Hessian ``∇²_θ loss_fn(θ, batch)``.
+
+  The sharpness of Cohen et al. (2021): full-batch gradient descent with step η drives λ_max up
+  to ``2/η`` (progressive sharpening) and then hovers there (the Edge of Stability); under
+  mini-batch SGD λ_max stays below ``2/η`` (Andreyev & Beneventano, EoSS) while Batch Sharpness
+  (:func:`track_batch_sharpness`) takes its place. Every ``every`` updates,
+  :func:`kstep.lambda_max` solves for the top eigenpair with Lanczos (full reorthogonalisation)
+  or shifted power iteration on Hessian-vector products (forward-over-reverse, at a float32 copy
+  of params), started from the previous eigenvector when ``warm_start``: after a small
+  parameter update it is nearly converged already, and the solve stops early on the residual
+  ``‖H v − λ v‖ ≤ tol·|λ|``.
+
+  The batch: the keyword ``measure_batch=`` of ``update`` if given (e.g. a fixed subset of the
+  training set, for a full-batch λ_max under SGD), else ``batch=`` (the current batch; the
+  λ_max of that mini-batch's Hessian). The batch stays fixed during one solve.
+
+  Cost per measurement: at most ``num_iters + 1`` Hessian-vector products (each about the cost
+  of two to three gradients), fewer with a warm start; memory ``num_iters × P`` floats for the
+  Lanczos basis plus one float32 copy of params in the state.
+
+  Args:
+    loss_fn: scalar loss ``loss_fn(params, batch)``.
+    every: measure on updates 0, ``every``, ``2·every``, …
+    num_iters: the most Hessian-vector products per solve.
+    method: ``"lanczos"`` or ``"power"`` (see :func:`kstep.lambda_max`).
+    warm_start: start each solve from the previous eigenvector (else from a fresh random one).
+    tol: relative residual at which a solve stops. The eigenvalue's error is of order
+      ``residual² / gap``, far below ``tol``.
+    seed: int seed (or PRNG key) of the random start vectors.
+    axis_name: inside ``shard_map``/``pmap``, the axis the batch is split over (λ_max of the
+      global batch's loss; one all-reduce of P floats per product). Not needed under ``jax.jit``
+      with sharded arrays.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` with state :class:`TrackLambdaMaxState`;
+    ``kstep.stats`` reports ``lambda_max``, ``lambda_max_residual``, ``lambda_max_iters``,
+    ``lambda_max_num_measurements`` and ``lambda_max_num_skipped``.
+
+  Raises:
+    ValueError: at construction, naming the argument that is out of range.
+  """
+  arguments.check_callable("loss_fn", loss_fn, "loss_fn(params, batch) -> scalar")
+  arguments.check_positive_int("every", every)
+  num_iters = arguments.check_static_int(
+      "num_iters", num_iters, "sets the size of the Lanczos basis"
+  )
+  if method not in estimators.EIGEN_METHODS:
+    raise ValueError(f"`method` must be one of {estimators.EIGEN_METHODS}; got {method!r}.")
+  if not isinstance(warm_start, bool):
+    raise ValueError(f"`warm_start` must be a bool; got {warm_start!r}.")
+  arguments.check_positive_float("tol", tol)
+  base_key = arguments.prng_key(seed)
+  every = arguments.static_or_traced_int(every)
+
+  def init_fn(params: PyTree) -> TrackLambdaMaxState:
+    return TrackLambdaMaxState(
+        count=common.izero(), key=base_key,
+        eigenvector=estimators.random_unit(base_key, params),
+        lambda_max=common.zero(), lambda_max_residual=common.zero(),
+        lambda_max_iters=common.izero(),
+        lambda_max_num_measurements=common.izero(), lambda_max_num_skipped=common.izero(),
+    )
+
+  def measure(state: TrackLambdaMaxState, params: PyTree, batch: Any) -> TrackLambdaMaxState:
+    key = jax.random.fold_in(state.key, state.count)
+    start = state.eigenvector if warm_start else None  # None: a random start drawn from `key`
+    res = estimators.lambda_max(
+        loss_fn, params, batch, num_iters=num_iters, method=method, init=start, key=key, tol=tol,
+        axis_name=axis_name,
+    )
+    finite = [jnp.all(jnp.isfinite(v)) for v in jax.tree.leaves(res.eigenvector)]
+    vec_ok = jnp.all(jnp.stack(finite)) if finite else jnp.bool_(True)
+    valid = jnp.isfinite(res.value) & jnp.isfinite(res.residual) & vec_ok
+    new = state._replace(
+        eigenvector=common.same_types(res.eigenvector, state.eigenvector), lambda_max=res.value,
+        lambda_max_residual=res.residual, lambda_max_iters=res.num_iters,
+    )
+    return common.accept(valid, new, state, "lambda_max")
+
+  def update_fn(updates, state: TrackLambdaMaxState, params=None, **extra_args):
+    common.check_params(params, "track_lambda_max")
+    batch = common.get_batch(extra_args, "track_lambda_max", allow_measure_batch=True)
+    new_state = jax.lax.cond(
+        state.count % every == 0, lambda s: measure(s, params, batch), lambda s: s, state
+    )
+    return updates, new_state._replace(count=optax.safe_increment(state.count))
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

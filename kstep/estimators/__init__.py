@@ -1,0 +1,46 @@
+"""Curvature estimators: traces, the output kernel, curvature products, λ_max, Batch Sharpness.
+
+One module per job, read top-down: :mod:`~kstep.estimators.traces` (Gauss–Newton / NTK traces,
+empirical NTK), :mod:`~kstep.estimators.output_kernel` (the C×C output kernel M),
+:mod:`~kstep.estimators.products` (Hessian- and Gauss–Newton-vector products),
+:mod:`~kstep.estimators.eigensolvers` (λ_max), :mod:`~kstep.estimators.sharpness` (Batch
+Sharpness); helpers in :mod:`~kstep.estimators.tree_math`, :mod:`~kstep.estimators.data_axis` and
+:mod:`~kstep.estimators.sample_stats`.
+
+All functions are pure and jit-compatible, take an explicit PRNG key where they sample, accept
+params of any pytree structure and any float dtype, and accumulate in float32 (bf16/f16 params give
+float32 estimates). Per-example work is chunked with ``jax.lax.map(..., batch_size=chunk_size)`` so
+memory stays bounded.
+
+Shapes: ``apply_fn(params, batch)`` returns outputs of shape ``(B, C)`` or ``(B,)``; every leaf of
+``batch`` has the examples on its leading axis (needed only for ``method="exact"``, which evaluates
+the model one example at a time).
+
+Data parallelism. Under ``jax.jit`` with the batch sharded over a mesh (``NamedSharding``; params
+replicated or sharded) nothing changes: probes are drawn at the global batch's shape and the
+compiler inserts the reductions. Inside ``jax.shard_map`` or ``jax.pmap`` each device sees its own
+shard: pass ``axis_name`` (the mapped axis, or a tuple of axes, the batch is split over) and the
+estimators combine the devices with collectives over it. Params must then be the same on every
+device along ``axis_name``, shards must have equal size, and ``loss_fn`` returns the mean loss of
+the local shard (the global loss is the mean over devices). With the same key, the estimate on a
+sharded batch equals the single-device estimate on the whole batch (up to float rounding).
+"""
+
+from kstep.estimators.data_axis import PROBE_SCOPES, AxisName, check_probe_scope
+from kstep.estimators.eigensolvers import (
+    EIGEN_METHODS,
+    LambdaMax,
+    gauss_newton_lambda_max,
+    lambda_max,
+)
+from kstep.estimators.products import batch_curvature, gauss_newton_vp, hvp
+from kstep.estimators.sample_stats import mean_and_stderr, ratio_of_means
+from kstep.estimators.sharpness import BatchSharpness, batch_sharpness
+from kstep.estimators.traces import (
+    METHODS,
+    TraceEstimate,
+    empirical_ntk,
+    gauss_newton_trace,
+    ntk_trace,
+)
+from kstep.estimators.tree_math import random_unit

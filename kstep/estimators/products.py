@@ -1,0 +1,78 @@
+"""Matrix-free curvature products: Hessian-vector (forward-over-reverse), Gauss–Newton-vector,
+and the curvature of a batch's loss along its own gradient (the numerator of Batch Sharpness).
+
+With ``axis_name`` (inside ``shard_map``/``pmap``) every product is that of the global batch: one
+all-reduce of P floats each.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from kstep import losses
+from kstep.estimators import data_axis
+from kstep.estimators import tree_math as tm
+from kstep.estimators.data_axis import AxisName
+
+Array = jax.Array
+PyTree = Any
+ApplyFn = Callable[[PyTree, Any], Array]
+LossFn = Callable[[PyTree, Any], Array]
+
+
+def hvp(
+    loss_fn: LossFn, params: PyTree, batch: Any, v: PyTree, *, axis_name: AxisName = None
+) -> PyTree:
+  """Hessian-vector product ``∇²_θ loss_fn(params, batch) · v``, forward-over-reverse.
+
+  With ``axis_name``, the Hessian of the mean of the devices' losses (one all-reduce of P floats).
+  """
+  primal, tangent = data_axis.local((params, v), axis_name)
+  local = jax.jvp(lambda p: jax.grad(loss_fn)(p, batch), (primal,), (tangent,))[1]
+  return data_axis.pmean(local, axis_name)
+
+
+def _grad(loss_fn: LossFn, params: PyTree, batch: Any, *, axis_name: AxisName = None) -> PyTree:
+  """Gradient of ``loss_fn(params, batch)``; with ``axis_name``, of the mean over the devices."""
+  return data_axis.pmean(jax.grad(loss_fn)(data_axis.local(params, axis_name), batch), axis_name)
+
+
+def gauss_newton_vp(
+    apply_fn: ApplyFn,
+    params: PyTree,
+    batch: Any,
+    v: PyTree,
+    *,
+    loss: Any = "mse",
+    axis_name: AxisName = None,
+) -> PyTree:
+  """Gauss–Newton-vector product ``(1/B) Σ_i J_iᵀ H_i J_i v`` (one JVP, one VJP).
+
+  With ``axis_name``, B and the sum run over the global batch (one all-reduce of P floats).
+  """
+  spec = losses.resolve_loss(loss)
+  params, v = data_axis.local((params, v), axis_name)
+  f = lambda p: apply_fn(p, batch)
+  outputs, jv = jax.jvp(f, (params,), (v,))
+  b = outputs.shape[0]
+  b_total, _ = data_axis.global_rows(b, axis_name)
+  spec = spec.for_output_shape(outputs.shape)
+  hjv = spec.gnvp(outputs.reshape(b, -1), batch, jv.reshape(b, -1).astype(jnp.float32))
+  _, vjp_fn = jax.vjp(f, params)
+  (out,) = vjp_fn((hjv / b_total).reshape(outputs.shape).astype(outputs.dtype))
+  return data_axis.psum(out, axis_name)
+
+def batch_curvature(
+    loss_fn: LossFn, params: PyTree, batch: Any, *, axis_name: AxisName = None
+) -> tuple[Array, Array]:
+  """``(g_Bᵀ H_B g_B, ‖g_B‖²)`` for one batch: one gradient and one HVP, in float32.
+
+  With ``axis_name`` the batch is the union of the devices' shards (two all-reduces of P floats).
+  """
+  p32 = tm.f32(params)
+  g = _grad(loss_fn, p32, batch, axis_name=axis_name)
+  hg = hvp(loss_fn, p32, batch, g, axis_name=axis_name)
+  return tm.vdot(g, hg), tm.sq_norm(g)

@@ -1,0 +1,65 @@
+"""Batch Sharpness (Andreyev & Beneventano, EoSS, Definition 1) over stacked batches."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from kstep.estimators import products, sample_stats
+from kstep.estimators.data_axis import AxisName
+
+Array = jax.Array
+PyTree = Any
+LossFn = Callable[[PyTree, Any], Array]
+
+
+class BatchSharpness(NamedTuple):
+  """Batch Sharpness (Andreyev & Beneventano, Definition 1) over M batches.
+
+  Attributes:
+    value: the requested reduction: ``"ratio_of_means"`` is ``mean_B[gᵀHg] / mean_B[‖g‖²]``
+      (Definition 1); ``"mean_of_ratios"`` is ``mean_B[gᵀHg / ‖g‖²]`` (what the authors' code
+      reports mostly).
+    stderr: its standard error over the M batches (delta method for the ratio of means).
+    curvature: per-batch ``g_Bᵀ H_B g_B``, shape ``(M,)``.
+    grad_sq_norm: per-batch ``‖g_B‖²``, shape ``(M,)``.
+  """
+
+  value: Array
+  stderr: Array
+  curvature: Array
+  grad_sq_norm: Array
+
+
+def batch_sharpness(
+    loss_fn: LossFn,
+    params: PyTree,
+    batches: Any,
+    *,
+    reduction: str = "ratio_of_means",
+    axis_name: AxisName = None,
+) -> BatchSharpness:
+  """Batch Sharpness of Andreyev & Beneventano (EoSS, Definition 1) over M stacked batches.
+
+  ``BS = E_B[g_Bᵀ H_B g_B] / E_B[‖g_B‖²]`` (``reduction="ratio_of_means"``), or the mean of the
+  per-batch ratios (``reduction="mean_of_ratios"``). ``g_B`` and ``H_B`` are the gradient and
+  Hessian of ``loss_fn(params, batch_m)``; ``batches`` stacks the M batches on a leading axis.
+  Cost: M gradients and M Hessian-vector products. A batch with zero gradient contributes a ratio
+  of 0. With ``axis_name`` (inside ``shard_map``/``pmap``) every batch is split over the devices
+  along its second axis (each device holds ``(M, B/n, ...)``).
+  """
+  if reduction not in ("ratio_of_means", "mean_of_ratios"):
+    raise ValueError(
+        f'`reduction` must be "ratio_of_means" or "mean_of_ratios"; got {reduction!r}.'
+    )
+  num, den = jax.lax.map(
+      lambda b: products.batch_curvature(loss_fn, params, b, axis_name=axis_name), batches
+  )
+  if reduction == "ratio_of_means":
+    value, stderr = sample_stats.ratio_of_means(num, den)
+  else:
+    ratios = jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
+    value, stderr = sample_stats.mean_and_stderr(ratios)
+  return BatchSharpness(value, stderr, num, den)

@@ -1,0 +1,220 @@
+"""Gauss–Newton and NTK traces per example (the T of K = η T / (2 α B)), and the empirical NTK.
+
+All functions are pure and jit-compatible, take an explicit PRNG key where they sample, accept
+params of any pytree structure and float dtype, and accumulate in float32. Per-example work is
+chunked with ``jax.lax.map(..., batch_size=chunk_size)`` so memory stays bounded.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
+
+from kstep import arguments, losses
+from kstep.estimators import data_axis, sample_stats
+from kstep.estimators import tree_math as tm
+from kstep.estimators.data_axis import AxisName
+
+Array = jax.Array
+PyTree = Any
+ApplyFn = Callable[[PyTree, Any], Array]
+
+METHODS = ("hutchinson", "exact")
+
+
+class TraceEstimate(NamedTuple):
+  """A trace estimate and its standard error.
+
+  Attributes:
+    value: the estimate (float32 scalar).
+    stderr: the standard error of ``value`` from the spread of the probes
+      (``std(ddof=1) / sqrt(num_probes)``); NaN when ``num_probes == 1`` (one probe carries no
+      information on its own spread) and 0 for ``method="exact"``.
+  """
+
+  value: Array
+  stderr: Array
+
+
+def _check_method(method: str) -> None:
+  if method not in METHODS:
+    raise ValueError(f"`method` must be one of {METHODS}; got {method!r}.")
+
+
+def _as_batch(example: Any) -> Any:
+  """One example (leaves without the batch axis) as a batch of one."""
+  return jax.tree.map(lambda x: x[None], example)
+
+
+def _per_example_ntk(apply_fn: ApplyFn, params: PyTree, batch: Any, chunk_size: int) -> Array:
+  """Per-example output kernels ``J_i J_iᵀ`` (shape ``(B, C, C)``, float32)."""
+
+  def one(example: Any) -> Array:
+    f = lambda p: apply_fn(p, _as_batch(example)).reshape(-1)
+    jac = jax.jacrev(f)(params)  # leaves (C, *leaf_shape)
+    flat = jnp.concatenate(
+        [x.reshape(x.shape[0], -1).astype(jnp.float32) for x in jax.tree.leaves(jac)], axis=1
+    )
+    return flat @ flat.T
+
+  return jax.lax.map(one, batch, batch_size=chunk_size)
+
+
+def gauss_newton_trace(
+    apply_fn: ApplyFn,
+    params: PyTree,
+    batch: Any,
+    *,
+    loss: str | losses.PerExampleLoss = "mse",
+    key: Array | None = None,
+    num_probes: int = 1,
+    method: str = "hutchinson",
+    chunk_size: int = 32,
+    axis_name: AxisName = None,
+    probe_scope: str = "global",
+) -> TraceEstimate:
+  r"""Mean over the batch of ``tr(J_iᵀ H_i J_i)``: the Gauss–Newton trace (K paper eq. 87/130).
+
+  ``T = (1/B) Σ_i tr(J_iᵀ H_i J_i)`` with ``J_i`` the C×P Jacobian of the outputs of example i and
+  ``H_i`` the Hessian of its loss in the outputs. For ``loss="mse"`` (ℓ = ½‖f − y‖²) this is the
+  NTK trace ``tr(Θ̂)`` with ``Θ̂ = J Jᵀ / B``.
+
+  Methods:
+    * ``"hutchinson"``, named losses: per probe, ``u ~ losses`` sampler with ``E[u_i u_iᵀ] = H_i``
+      (Rademacher for MSE, sampled labels ``u_i = p_i − e_ŷ`` for the cross-entropies), and the
+      sample ``‖Σ_i J_iᵀ u_i‖² / B``: one forward (shared) and one VJP per probe; unbiased.
+    * ``"hutchinson"``, callable loss: per probe a Rademacher ``z`` in parameter space and the
+      sample ``Σ_i (J_i z)ᵀ H_i (J_i z) / B`` (one JVP and one output-space Hessian product).
+    * ``"exact"``: per-example Jacobians (``jax.lax.map`` in chunks of ``chunk_size`` examples),
+      ``Σ_i tr(H_i J_i J_iᵀ) / B``; stderr 0.
+
+  Sharded batches (``axis_name``, inside ``shard_map``/``pmap``; see the module docstring), B the
+  global batch. ``probe_scope="global"`` (default) draws each probe for the whole batch and keeps
+  this device's rows, sums ``Σ_i J_iᵀ u_i`` over the devices (one all-reduce of P floats per
+  probe) and so returns the single-device estimate. ``probe_scope="per_shard"`` (named losses;
+  for the others it changes nothing) draws independent probes per device and sums the squared
+  norms ``Σ_d ‖Σ_{i∈d} J_iᵀ u_i‖²`` instead (one all-reduce of a scalar per probe): also
+  unbiased, since it only drops the zero-mean cross terms between devices, and therefore of
+  lower variance, but a different number from the single-device one.
+
+  Args:
+    apply_fn: ``apply_fn(params, batch)`` -> outputs ``(B, C)`` or ``(B,)``.
+    params: any pytree of float arrays.
+    batch: the inputs (and anything else ``apply_fn``/``loss`` read).
+    loss: ``"mse"``, ``"softmax_cross_entropy"``, ``"sigmoid_binary_cross_entropy"`` or a callable
+      ``loss(outputs, batch) -> (B,)`` per-example losses (outputs in the model's own shape).
+    key: PRNG key for the probes (required for ``"hutchinson"``; the same on every device).
+    num_probes: number of independent probes averaged.
+    method: ``"hutchinson"`` or ``"exact"``.
+    chunk_size: examples (exact) or probes (hutchinson) processed at once.
+    axis_name: the mapped axis (or tuple of axes) the batch is split over, inside
+      ``shard_map``/``pmap``; ``None`` otherwise (also under ``jit`` with sharded arrays).
+    probe_scope: ``"global"`` or ``"per_shard"`` (only with ``axis_name``).
+
+  Returns:
+    ``TraceEstimate(value, stderr)`` in float32, the same on every device.
+
+  Raises:
+    ValueError: an argument is out of range (named in the message).
+  """
+  _check_method(method)
+  arguments.check_int("num_probes", num_probes)
+  arguments.check_int("chunk_size", chunk_size)
+  data_axis.check_probe_scope(probe_scope, axis_name)
+  spec = losses.resolve_loss(loss)
+  params = data_axis.local(params, axis_name)
+  outputs, vjp_fn = jax.vjp(lambda p: apply_fn(p, batch), params)
+  out_shape, out_dtype = outputs.shape, outputs.dtype
+  b = out_shape[0]
+  b_total, first_row = data_axis.global_rows(b, axis_name)
+  out2d = outputs.reshape(b, -1)
+  spec = spec.for_output_shape(out_shape)
+
+  if method == "exact":
+    kernels = _per_example_ntk(apply_fn, params, batch, chunk_size)
+    h = spec.hessian(out2d, batch)
+    # Σ_i tr(H_i K_i), both symmetric.
+    value = data_axis.psum(jnp.sum(h * kernels), axis_name) / b_total
+    return TraceEstimate(value.astype(jnp.float32), jnp.zeros((), jnp.float32))
+
+  if key is None:
+    raise ValueError('`key` is required for method="hutchinson".')
+  keys = jax.random.split(key, num_probes)
+
+  if spec.noise is not None:
+    per_shard = probe_scope == "per_shard"
+
+    def probe(k: Array) -> Array:
+      if per_shard:
+        noise = spec.noise(jax.random.fold_in(k, jax.lax.axis_index(axis_name)), out2d.shape)
+      else:
+        noise = spec.noise(k, (b_total, out2d.shape[1]))
+        if axis_name is not None:
+          noise = jax.lax.dynamic_slice_in_dim(noise, first_row, b, axis=0)
+      u = spec.probe(noise, out2d, batch)
+      (g,) = vjp_fn(u.reshape(out_shape).astype(out_dtype))
+      if per_shard:
+        return data_axis.psum(tm.sq_norm(g), axis_name) / b_total
+      return tm.sq_norm(data_axis.psum(tm.f32(g), axis_name)) / b_total
+
+  else:
+    apply_p = lambda p: apply_fn(p, batch).reshape(b, -1)
+    flat_params, unravel = ravel_pytree(params)
+
+    def probe(k: Array) -> Array:
+      # One draw over all P parameters (a draw per leaf would put one RNG per leaf in the
+      # compiled program, and compile time grows with the number of leaves).
+      z = unravel(jax.random.rademacher(k, flat_params.shape, dtype=flat_params.dtype))
+      w = jax.jvp(apply_p, (params,), (z,))[1].astype(jnp.float32)
+      return data_axis.psum(jnp.sum(w * spec.gnvp(out2d, batch, w)), axis_name) / b_total
+
+  samples = jax.lax.map(probe, keys, batch_size=min(chunk_size, num_probes))
+  return TraceEstimate(*sample_stats.mean_and_stderr(samples))
+
+
+def ntk_trace(
+    apply_fn: ApplyFn,
+    params: PyTree,
+    batch: Any,
+    *,
+    key: Array | None = None,
+    num_probes: int = 1,
+    method: str = "hutchinson",
+    chunk_size: int = 32,
+    axis_name: AxisName = None,
+    probe_scope: str = "global",
+) -> TraceEstimate:
+  """Mean over the batch of ``Σ_c ‖∇_θ f_c(x_i)‖²``: ``tr(Θ̂)`` with ``Θ̂ = J Jᵀ / B`` (eq. 11).
+
+  The MSE case of :func:`gauss_newton_trace` (Rademacher probes over all B·C outputs).
+  """
+  return gauss_newton_trace(
+      apply_fn, params, batch, loss="mse", key=key, num_probes=num_probes, method=method,
+      chunk_size=chunk_size, axis_name=axis_name, probe_scope=probe_scope,
+  )
+
+
+def empirical_ntk(apply_fn: ApplyFn, params: PyTree, batch: Any, *, chunk_size: int = 32) -> Array:
+  """The N×N empirical NTK ``Θ̂ = J Jᵀ / N`` of a scalar-output model (K paper, §2.1).
+
+  For the exact formulas (:func:`kstep.k_exact`, :func:`kstep.second_moment_growth`) at small N.
+
+  Raises:
+    ValueError: the model has more than one output per example.
+  """
+  outputs = jax.eval_shape(lambda p: apply_fn(p, batch), params)
+  n = outputs.shape[0]
+  if outputs.size != n:
+    raise ValueError(
+        f"empirical_ntk needs one output per example; apply_fn returns shape {outputs.shape}."
+    )
+
+  def grad_one(example: Any) -> Array:
+    g = jax.grad(lambda p: apply_fn(p, _as_batch(example)).reshape(()))(params)
+    return ravel_pytree(tm.f32(g))[0]
+
+  jac = jax.lax.map(grad_one, batch, batch_size=chunk_size)  # (N, P)
+  return jac @ jac.T / n

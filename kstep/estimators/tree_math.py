@@ -1,0 +1,65 @@
+"""Float32 vector algebra on pytrees shaped like params (the eigensolvers' vectors).
+
+Vectors are pytrees whose leaves keep the layout of their parameter (no ravel/concatenate per
+product), so under ``jax.jit`` with sharded (e.g. FSDP) params the compiler may shard every vector
+like the params. Reductions (``vdot``, ``sq_norm``) accumulate in float32 whatever the leaf dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
+
+Array = jax.Array
+PyTree = Any
+
+
+def f32(tree: PyTree) -> PyTree:
+  return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree)
+
+
+def sq_norm(tree: PyTree) -> Array:
+  leaves = jax.tree.leaves(tree)
+  return sum((jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves), jnp.float32(0.0))
+
+
+def vdot(a: PyTree, b: PyTree) -> Array:
+  pairs = zip(jax.tree.leaves(a), jax.tree.leaves(b))
+  return sum(
+      (jnp.sum(x.astype(jnp.float32) * y.astype(jnp.float32)) for x, y in pairs), jnp.float32(0.0)
+  )
+
+def scale(a: Array, x: PyTree) -> PyTree:
+  return jax.tree.map(lambda xi: a * xi, x)
+
+
+def sub(x: PyTree, y: PyTree) -> PyTree:
+  return jax.tree.map(jnp.subtract, x, y)
+
+
+def where(cond: Array, x: PyTree, y: PyTree) -> PyTree:
+  return jax.tree.map(lambda xi, yi: jnp.where(cond, xi, yi), x, y)
+
+
+def norm(x: PyTree) -> Array:
+  return jnp.sqrt(sq_norm(x))
+
+
+def unit(x: PyTree) -> tuple[PyTree, Array]:
+  """``(x / ‖x‖, ‖x‖)``, with ``x`` itself returned where ``‖x‖ = 0``."""
+  n = norm(x)
+  return scale(jnp.where(n > 0, 1.0 / jnp.where(n > 0, n, 1.0), 1.0), x), n
+
+
+def ones_unit(like: PyTree) -> PyTree:
+  size = sum(x.size for x in jax.tree.leaves(like))
+  return jax.tree.map(lambda x: jnp.full(x.shape, 1.0 / size**0.5, jnp.float32), like)
+
+
+def random_unit(key: Array, like: PyTree) -> PyTree:
+  """A random unit vector, float32, shaped like ``like`` (one normal draw of size P)."""
+  flat, unravel = ravel_pytree(jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), jnp.float32), like))
+  return unit(unravel(jax.random.normal(key, flat.shape, jnp.float32)))[0]
