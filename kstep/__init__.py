@@ -12,6 +12,7 @@ from kstep.diagnostics import (
 from kstep.estimators import (
     BatchSharpness,
     LambdaMax,
+    OutputKernel,
     TraceEstimate,
     batch_sharpness,
     empirical_ntk,
@@ -21,6 +22,7 @@ from kstep.estimators import (
     hvp,
     lambda_max,
     ntk_trace,
+    output_kernel,
 )
 from kstep.noise_kernel import (
     k_exact,

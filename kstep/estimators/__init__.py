@@ -33,6 +33,8 @@ from kstep.estimators.eigensolvers import (
     gauss_newton_lambda_max,
     lambda_max,
 )
+from kstep.estimators.linearization import LinearizedModel, linearize
+from kstep.estimators.output_kernel import OutputKernel, output_kernel
 from kstep.estimators.products import batch_curvature, gauss_newton_vp, hvp
 from kstep.estimators.sample_stats import mean_and_stderr, ratio_of_means
 from kstep.estimators.sharpness import BatchSharpness, batch_sharpness

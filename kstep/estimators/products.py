@@ -10,10 +10,9 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 
 from kstep import losses
-from kstep.estimators import data_axis
+from kstep.estimators import data_axis, linearization
 from kstep.estimators import tree_math as tm
 from kstep.estimators.data_axis import AxisName
 
@@ -53,17 +52,24 @@ def gauss_newton_vp(
 
   With ``axis_name``, B and the sum run over the global batch (one all-reduce of P floats).
   """
-  spec = losses.resolve_loss(loss)
-  params, v = data_axis.local((params, v), axis_name)
-  f = lambda p: apply_fn(p, batch)
-  outputs, jv = jax.jvp(f, (params,), (v,))
-  b = outputs.shape[0]
-  b_total, _ = data_axis.global_rows(b, axis_name)
-  spec = spec.for_output_shape(outputs.shape)
-  hjv = spec.gnvp(outputs.reshape(b, -1), batch, jv.reshape(b, -1).astype(jnp.float32))
-  _, vjp_fn = jax.vjp(f, params)
-  (out,) = vjp_fn((hjv / b_total).reshape(outputs.shape).astype(outputs.dtype))
+  lin = linearization.linearize(apply_fn, params, batch, axis_name=axis_name)
+  return linearized_gauss_newton_vp(lin, losses.resolve_loss(loss), batch, v, axis_name=axis_name)
+
+
+def linearized_gauss_newton_vp(
+    lin: linearization.LinearizedModel,
+    loss: losses.OutputLoss,
+    batch: Any,
+    v: PyTree,
+    *,
+    axis_name: AxisName = None,
+) -> PyTree:
+  """:func:`gauss_newton_vp` on an already linearised model: one JVP and one VJP, no forward."""
+  spec = loss.for_output_shape(lin.out_shape)
+  jv = lin.jvp(data_axis.local(v, axis_name))
+  out = lin.vjp(spec.gnvp(lin.outputs, batch, jv) / lin.num_rows_total)
   return data_axis.psum(out, axis_name)
+
 
 def batch_curvature(
     loss_fn: LossFn, params: PyTree, batch: Any, *, axis_name: AxisName = None

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from kstep import arguments, losses
-from kstep.estimators import data_axis, sample_stats
+from kstep.estimators import data_axis, linearization, sample_stats
 from kstep.estimators import tree_math as tm
 from kstep.estimators.data_axis import AxisName
 
@@ -49,7 +49,7 @@ def _as_batch(example: Any) -> Any:
   return jax.tree.map(lambda x: x[None], example)
 
 
-def _per_example_ntk(apply_fn: ApplyFn, params: PyTree, batch: Any, chunk_size: int) -> Array:
+def per_example_ntk(apply_fn: ApplyFn, params: PyTree, batch: Any, chunk_size: int) -> Array:
   """Per-example output kernels ``J_i J_iᵀ`` (shape ``(B, C, C)``, float32)."""
 
   def one(example: Any) -> Array:
@@ -125,50 +125,82 @@ def gauss_newton_trace(
   arguments.check_int("chunk_size", chunk_size)
   data_axis.check_probe_scope(probe_scope, axis_name)
   spec = losses.resolve_loss(loss)
-  params = data_axis.local(params, axis_name)
-  outputs, vjp_fn = jax.vjp(lambda p: apply_fn(p, batch), params)
-  out_shape, out_dtype = outputs.shape, outputs.dtype
-  b = out_shape[0]
-  b_total, first_row = data_axis.global_rows(b, axis_name)
-  out2d = outputs.reshape(b, -1)
-  spec = spec.for_output_shape(out_shape)
-
   if method == "exact":
-    kernels = _per_example_ntk(apply_fn, params, batch, chunk_size)
-    h = spec.hessian(out2d, batch)
+    params = data_axis.local(params, axis_name)
+    outputs = apply_fn(params, batch)
+    b = outputs.shape[0]
+    b_total, _ = data_axis.global_rows(b, axis_name)
+    spec = spec.for_output_shape(outputs.shape)
+    kernels = per_example_ntk(apply_fn, params, batch, chunk_size)
+    h = spec.hessian(outputs.reshape(b, -1), batch)
     # Σ_i tr(H_i K_i), both symmetric.
     value = data_axis.psum(jnp.sum(h * kernels), axis_name) / b_total
     return TraceEstimate(value.astype(jnp.float32), jnp.zeros((), jnp.float32))
-
   if key is None:
     raise ValueError('`key` is required for method="hutchinson".')
+  lin = linearization.linearize(apply_fn, params, batch, axis_name=axis_name)
+  return hutchinson_trace(
+      lin, spec, batch, key=key, num_probes=num_probes, chunk_size=chunk_size,
+      axis_name=axis_name, probe_scope=probe_scope,
+  )
+
+
+def draw_rows(noise: Callable[[Array, tuple[int, ...]], Array], key: Array,
+              lin: linearization.LinearizedModel, width: int, *, axis_name: AxisName = None,
+              per_shard: bool = False) -> Array:
+  """This device's rows ``(b, width)`` of a noise draw.
+
+  ``per_shard=False``: the draw for the whole batch ``(B, width)`` (the same key on every
+  device), sliced to this device's rows, so a sharded estimate equals the single-device one.
+  ``per_shard=True``: an independent draw per device (the key folded with the device index).
+  """
+  if per_shard:
+    return noise(jax.random.fold_in(key, jax.lax.axis_index(axis_name)), (lin.num_rows, width))
+  rows = noise(key, (lin.num_rows_total, width))
+  if axis_name is None:
+    return rows
+  return jax.lax.dynamic_slice_in_dim(rows, lin.first_row, lin.num_rows, axis=0)
+
+
+def hutchinson_trace(
+    lin: linearization.LinearizedModel,
+    loss: losses.OutputLoss,
+    batch: Any,
+    *,
+    key: Array,
+    num_probes: int = 1,
+    chunk_size: int = 32,
+    axis_name: AxisName = None,
+    probe_scope: str = "global",
+) -> TraceEstimate:
+  """:func:`gauss_newton_trace` by probes on an already linearised model (no forward pass).
+
+  Named losses: one VJP per probe (``lin.vjp`` of the sampled cotangent); callables: one JVP per
+  probe (a Rademacher tangent in parameter space) and an output-space Hessian product.
+  """
+  spec = loss.for_output_shape(lin.out_shape)
+  b_total, out2d = lin.num_rows_total, lin.outputs
   keys = jax.random.split(key, num_probes)
 
   if spec.noise is not None:
     per_shard = probe_scope == "per_shard"
 
     def probe(k: Array) -> Array:
-      if per_shard:
-        noise = spec.noise(jax.random.fold_in(k, jax.lax.axis_index(axis_name)), out2d.shape)
-      else:
-        noise = spec.noise(k, (b_total, out2d.shape[1]))
-        if axis_name is not None:
-          noise = jax.lax.dynamic_slice_in_dim(noise, first_row, b, axis=0)
-      u = spec.probe(noise, out2d, batch)
-      (g,) = vjp_fn(u.reshape(out_shape).astype(out_dtype))
+      noise = draw_rows(spec.noise, k, lin, out2d.shape[1], axis_name=axis_name,
+                        per_shard=per_shard)
+      g = lin.vjp(spec.probe(noise, out2d, batch))
       if per_shard:
         return data_axis.psum(tm.sq_norm(g), axis_name) / b_total
       return tm.sq_norm(data_axis.psum(tm.f32(g), axis_name)) / b_total
 
   else:
-    apply_p = lambda p: apply_fn(p, batch).reshape(b, -1)
-    flat_params, unravel = ravel_pytree(params)
+    flat_params, unravel = ravel_pytree(lin.params)
 
     def probe(k: Array) -> Array:
       # One draw over all P parameters (a draw per leaf would put one RNG per leaf in the
       # compiled program, and compile time grows with the number of leaves).
       z = unravel(jax.random.rademacher(k, flat_params.shape, dtype=flat_params.dtype))
-      w = jax.jvp(apply_p, (params,), (z,))[1].astype(jnp.float32)
+      w = lin.jvp(z)
       return data_axis.psum(jnp.sum(w * spec.gnvp(out2d, batch, w)), axis_name) / b_total
 
   samples = jax.lax.map(probe, keys, batch_size=min(chunk_size, num_probes))
