@@ -119,3 +119,14 @@ def check_int(name: str, value: Any) -> int:
   if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
     raise ValueError(f"`{name}` must be an integer >= 1; got {value!r}.")
   return int(value)
+
+
+def check_real_params(params: Any, who: str) -> None:
+  """Raises ValueError if any leaf of ``params`` is complex: kstep's traces and curvature
+  products assume real parameters (a complex leaf would silently give a wrong trace)."""
+  for leaf in jax.tree.leaves(params):
+    if jnp.iscomplexobj(leaf):
+      raise ValueError(
+          f"kstep.{who} supports real params only; got a complex leaf of dtype {leaf.dtype}. "
+          "Split complex parameters into real and imaginary parts."
+      )

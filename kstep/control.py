@@ -1,25 +1,27 @@
-"""The K controller: SGD/momentum whose step keeps the noise kernel norm inside a target band.
+"""The K controller: SGD/momentum whose step keeps K inside a band and η·λ_max below its edge.
 
-``K = η T / (2 α B)`` (K paper eq. 11/18/87) with T the per-example NTK trace (MSE) or
-Gauss–Newton trace (other losses), α = 1 − momentum and B the batch size. Every ``every`` steps,
-inside the jitted update (``lax.cond``), the controller estimates T on the current batch with
-:func:`kstep.gauss_newton_trace` (one forward and one VJP per probe), smooths it across estimates,
-and at every step takes
+``K = η S / (2 α B)`` (K paper eq. 11/18/87) with α = 1 − momentum, B the batch size and S the
+kernel scale of :mod:`kstep.k_estimate` (the NTK trace per output for MSE, the Gauss–Newton trace
+for the cross-entropies). Every ``every`` steps, inside the jitted update (``lax.cond``), the
+controller estimates S on the current batch, smooths it across estimates, and takes
 
-    η_t = clip(η_base(t), lo(t) · η₁, hi(t) · η₁),   η₁ = 2 α B / T̄   (the step at which K = 1),
+    η_t = min(clip(η_base(t), d(t)·lo(t)·η₁, d(t)·hi(t)·η₁), max_scale·η_base(t), η_cap),
+    η₁ = 2 α B / S̄ (the step at which K = 1),   η_cap = r · E(μ) / λ̄,
 
-optionally capped at ``max_scale · η_base(t)``. A base LR whose K is inside the band passes
-unchanged; outside, the step is moved to the nearest edge. Between estimates T̄ is held, so K
-follows the step actually taken (K ∝ η).
+where d(t) is the band's decay (1, or a cosine over ``decay_steps``: the annealed band), λ̄ the
+top eigenvalue of the Gauss–Newton matrix on the estimate's batch (power iteration warm-started
+from the previous estimate's vector) and E(μ) the curvature edge of the momentum method on a
+quadratic: ``η λ < 2(1 + μ)`` for heavy ball (2 for plain SGD) and ``η λ < 2(1 + μ)/(1 + 2μ)``
+for Nesterov (optax's form; from the Jury conditions of ``z² − τz + μ(1 − ηλ)`` with
+``τ = 1 + μ − ηλ(1 + μ)``). The noise edge (K) binds at small batch, the curvature edge at large
+batch (design doc, "Two edges"). A base LR inside both passes unchanged.
 
-Smoothing: ``T̄ ← d·T̄ + (1 − d)·clip(T̂, T̄/r, r·T̄)`` with ``d = smoothing`` and ``r = max_change``:
-one noisy probe moves T̄ (hence η) by at most a factor ``1 + (1 − d)(r − 1)`` up and
-``1 − (1 − d)(1 − 1/r)`` down. The first valid estimate sets T̄ directly, so a far-off base LR is
-corrected before the first update. An estimate that is NaN, ±Inf or ≤ 0 is skipped and counted;
-T̄, the step and the state keep their previous (finite) values.
+Smoothing: ``S̄ ← d·S̄ + (1 − d)·clip(Ŝ, S̄/r, r·S̄)`` with ``d = smoothing`` and ``r = max_change``;
+the first valid estimate sets S̄ directly, so a far-off base LR is corrected before the first
+update. An estimate that is NaN, ±Inf or ≤ 0 is skipped and counted; a λ estimate that is not
+finite and positive is skipped too. Neither reaches the step or the state. Measured stats read
+NaN until their first valid estimate.
 """
-
-from __future__ import annotations
 
 import numbers
 from typing import Any, Callable, NamedTuple
@@ -28,174 +30,197 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from kstep import estimators, losses, noise_kernel
+from kstep import arguments, estimators, k_estimate, losses, noise_kernel
+from kstep.estimators.data_axis import AxisName
 
 Array = jax.Array
-ScalarOrSchedule = optax.ScalarOrSchedule
 
-ESTIMATORS = ("hutchinson", "exact")
+DEFAULT_TARGETS = {"per_output": (0.25, 0.4), "max_output": (0.25, 0.4), "total": (0.4, 0.8)}
+CROSS_ENTROPY_TRACE_FLOOR = 0.03
+DEFAULT_MAX_SHARPNESS_RATIO = 0.5
+FIRST_POWER_ITERS = 20
 
 
 class ScaleByKControlState(NamedTuple):
-  """State of :func:`scale_by_k_control`; every field but ``key`` is a scalar array.
+  """State of :func:`scale_by_k_control`. Scalars are float32 unless said otherwise.
 
   Attributes:
     count: updates applied so far (int32).
-    key: PRNG key for the probes, ``jax.random.PRNGKey(seed)`` (uint32, shape ``(2,)``; folded
-      with ``count`` at each estimate).
-    trace: smoothed trace T̄ (0 until the first valid estimate).
-    trace_raw: the last valid raw estimate T̂.
-    trace_stderr: standard error of T̄ from the spread of the raw estimates around it (0 after
-      the first estimate, which has no spread to measure).
-    trace_var: running mean of the squared deviations of T̂ from T̄ (feeds ``trace_stderr``).
-    k: K at the step taken by the last update, ``η T̄ / (2 α B)``.
-    learning_rate: η actually taken by the last update.
-    base_learning_rate: the base η (schedule value) at the last update.
-    num_estimates: valid estimates so far.
-    num_skipped: estimates skipped as NaN/Inf/≤ 0.
-    num_raised: updates whose step the band raised above the base LR.
-    num_lowered: updates whose step the band lowered below the base LR.
+    key: PRNG key of the probes (made in ``init`` from ``seed``; folded with ``count``).
+    k: K at the step taken by the last update, ``η S̄ / (2 α B)``, in the chosen output norm.
+    k_scale: S̄, the smoothed kernel scale (T/C, λ_max(M) or T, see ``output_norm``).
+    k_trace: T̄, the smoothed per-example Gauss–Newton / NTK trace over all outputs.
+    k_trace_raw: the last valid raw estimate T̂.
+    k_trace_stderr: standard error of T̄ from the spread of the raw estimates around it (NaN
+      until two estimates exist).
+    k_trace_var: running mean of the squared deviations of T̂ from T̄ (feeds the stderr).
+    k_learning_rate: η actually taken by the last update.
+    k_base_learning_rate: the base η (schedule value) at the last update.
+    k_num_outputs: C, outputs per example (int32; 0 before the first update).
+    k_num_estimates: valid estimates so far (int32).
+    k_num_skipped: estimates skipped as NaN/Inf/≤ 0 (int32).
+    k_num_raised: updates whose step the band raised above the base LR (int32).
+    k_num_lowered: updates whose step the band (or ``max_scale``) lowered below the base LR.
+    k_num_capped: updates whose step the curvature guard lowered (int32).
+    gn_lambda_max: λ̄, the Gauss–Newton λ_max of the last valid guard estimate.
+    sharpness_ratio: ``η · λ̄ / E(μ)`` at the last update (1 is the curvature edge).
+    sharpness_num_skipped: λ estimates skipped as NaN/Inf/≤ 0 (int32).
+    gn_eigenvector: the guard's power-iteration vector (float32, shaped like params), or ``()``
+      with the guard off.
   """
 
   count: Array
   key: Array
-  trace: Array
-  trace_raw: Array
-  trace_stderr: Array
-  trace_var: Array
   k: Array
-  learning_rate: Array
-  base_learning_rate: Array
-  num_estimates: Array
-  num_skipped: Array
-  num_raised: Array
-  num_lowered: Array
+  k_scale: Array
+  k_trace: Array
+  k_trace_raw: Array
+  k_trace_stderr: Array
+  k_trace_var: Array
+  k_learning_rate: Array
+  k_base_learning_rate: Array
+  k_num_outputs: Array
+  k_num_estimates: Array
+  k_num_skipped: Array
+  k_num_raised: Array
+  k_num_lowered: Array
+  k_num_capped: Array
+  gn_lambda_max: Array
+  sharpness_ratio: Array
+  sharpness_num_skipped: Array
+  gn_eigenvector: Any
 
   STATS_FIELDS = (
-      "k", "trace", "trace_raw", "trace_stderr", "learning_rate", "base_learning_rate",
-      "num_estimates", "num_skipped", "num_raised", "num_lowered",
+      "k", "k_scale", "k_trace", "k_trace_raw", "k_trace_stderr", "k_learning_rate",
+      "k_base_learning_rate", "k_num_outputs", "k_num_estimates", "k_num_skipped",
+      "k_num_raised", "k_num_lowered", "k_num_capped", "gn_lambda_max", "sharpness_ratio",
+      "sharpness_num_skipped",
   )
 
 
-def _is_number(x: Any) -> bool:
-  """True for values known at construction (Python/NumPy numbers, concrete arrays)."""
-  if isinstance(x, numbers.Number):
-    return True
-  return isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and x.ndim == 0
-
-
-def _is_python_zero(x: Any) -> bool:
-  """True for a zero given as a Python/NumPy scalar (not an array, concrete or traced)."""
-  return isinstance(x, numbers.Number) and float(x) == 0.0
-
-
-def _check_int(name: str, value: Any) -> None:
-  if _is_number(value) and (int(value) != value or value < 1):
-    raise ValueError(f"`{name}` must be an integer >= 1; got {value!r}.")
+def curvature_edge(momentum: Any, nesterov: bool = False) -> Array:
+  """E(μ): the largest stable ``η λ`` on a quadratic (module docstring)."""
+  mu = jnp.asarray(momentum, jnp.float32)
+  return 2.0 * (1.0 + mu) / (1.0 + 2.0 * mu) if nesterov else 2.0 * (1.0 + mu)
 
 
 def _check_band(target: Any) -> None:
   try:
     lo, hi = target
   except (TypeError, ValueError):
-    msg = f"`target` must be a pair (lo, hi) with 0 < lo < hi; got {target!r}."
+    msg = f"`target` must be a pair (lo, hi) with 0 < lo < hi, or None; got {target!r}."
     raise ValueError(msg) from None
-  if _is_number(lo) and _is_number(hi) and not 0 < float(lo) < float(hi):
+  if arguments.is_number(lo) and arguments.is_number(hi) and not 0 < float(lo) < float(hi):
     raise ValueError(f"`target` must satisfy 0 < lo < hi; got ({lo!r}, {hi!r}).")
   for end in (lo, hi):
-    if _is_number(end) or callable(end) or isinstance(end, jax.Array):
-      continue
-    raise ValueError(f"`target` ends must be floats or schedules; got {end!r}.")
+    if not (arguments.is_number(end) or callable(end) or isinstance(end, jax.Array)):
+      raise ValueError(f"`target` ends must be floats or schedules; got {end!r}.")
 
 
-def _check_momentum(momentum: Any) -> None:
-  if _is_number(momentum) and not 0.0 <= float(momentum) < 1.0:
-    raise ValueError(f"`momentum` must be in [0, 1); got {momentum!r}.")
+def _check_optional(name: str, value: Any, low: float, high: float | None = None) -> None:
+  """``value`` is None, traced, or a number in ``(low, high]`` (``high`` None: unbounded)."""
+  if value is None or arguments.is_traced_scalar(value):
+    return
+  bad = not arguments.is_number(value) or not float(value) > low
+  bad = bad or (high is not None and float(value) > high)
+  if bad:
+    rng = f"in ({low}, {high}]" if high is not None else f"> {low}"
+    raise ValueError(f"`{name}` must be a number {rng} or None; got {value!r}.")
 
 
-CROSS_ENTROPY_TRACE_FLOOR = 0.03
-
-
-def _resolve_trace_floor(trace_floor: float | str | None, loss: Any) -> float | Array | None:
+def _resolve_trace_floor(trace_floor: Any, loss: Any) -> Any:
   if isinstance(trace_floor, str) and trace_floor == "auto":
     named_ce = isinstance(loss, str) and loss.endswith("cross_entropy")
     return CROSS_ENTROPY_TRACE_FLOOR if named_ce else None
-  if trace_floor is None:
-    return None
-  if isinstance(trace_floor, jax.core.Tracer) and jnp.ndim(trace_floor) == 0:
-    return trace_floor  # injected inside jit (optax.inject_hyperparams): cannot be checked
-  if not _is_number(trace_floor) or float(trace_floor) < 0:
+  if trace_floor is None or arguments.is_traced_scalar(trace_floor):
+    return trace_floor
+  if not arguments.is_number(trace_floor) or float(trace_floor) < 0:
     raise ValueError(f'`trace_floor` must be a number >= 0, "auto" or None; got {trace_floor!r}.')
   return trace_floor
 
 
-def _value(x: ScalarOrSchedule, count: Array) -> Array:
-  return jnp.asarray(x(count) if callable(x) else x, jnp.float32)
-
-
-def _missing_batch_error() -> ValueError:
-  return ValueError(
-      "kstep's K controller estimates the trace on the batch the gradients came from: call "
-      "`opt.update(grads, state, params, batch=batch)` (inside optax.chain the keyword is "
-      "forwarded; with flax nnx, `optimizer.update(model, grads, batch=batch)`)."
-  )
+def _band_decay(decay_steps: Any, band_decay: Any) -> Callable[[Array], Array] | None:
+  if decay_steps is not None and band_decay is not None:
+    raise ValueError("give `decay_steps` (a cosine to 0) or `band_decay` (a schedule), not both.")
+  if band_decay is not None:
+    if not callable(band_decay):
+      raise ValueError(f"`band_decay` must be an optax schedule of the step; got {band_decay!r}.")
+    return band_decay
+  if decay_steps is None:
+    return None
+  arguments.check_positive_int("decay_steps", decay_steps)
+  return optax.cosine_decay_schedule(1.0, decay_steps)
 
 
 def scale_by_k_control(
-    learning_rate: ScalarOrSchedule,
+    learning_rate: optax.ScalarOrSchedule,
     *,
-    batch_size: int,
     apply_fn: Callable[[Any, Any], Array],
     loss: str | Callable[..., Array] = "mse",
-    target: tuple[ScalarOrSchedule, ScalarOrSchedule] = (0.4, 0.8),
+    batch_size: int | None = None,
+    target: tuple[optax.ScalarOrSchedule, optax.ScalarOrSchedule] | None = None,
+    output_norm: str = "auto",
     momentum: float = 0.0,
+    nesterov: bool = False,
     every: int = 10,
     num_probes: int = 1,
     estimator: str = "hutchinson",
+    max_sharpness_ratio: float | None = DEFAULT_MAX_SHARPNESS_RATIO,
+    sharpness_iters: int = 2,
+    decay_steps: int | None = None,
+    band_decay: optax.Schedule | None = None,
     smoothing: float = 0.8,
     max_change: float = 4.0,
     max_scale: float | None = None,
     trace_floor: float | str | None = "auto",
-    seed: int | Array = 0,
+    seed: int = 0,
     flip_sign: bool = True,
-    axis_name: estimators.AxisName = None,
+    axis_name: AxisName = None,
     probe_scope: str = "global",
 ) -> optax.GradientTransformationExtraArgs:
-  """Scales updates by ``−η_t``, the step that keeps K inside ``target`` (see module docstring).
+  """Scales updates by ``−η_t``, the step that keeps K in ``target`` and η·λ_max below its edge.
 
   The drop-in replacement for ``optax.scale_by_learning_rate`` at the end of an SGD/momentum
-  chain; :func:`k_controlled_sgd` is the assembled optimizer. ``update`` needs ``params`` and the
-  extra keyword ``batch=`` (the batch the gradients came from; ``apply_fn(params, batch)``).
+  chain (control law in the module docstring); :func:`k_controlled_sgd` is the assembled
+  optimizer. ``update`` needs ``params`` and the extra keyword ``batch=`` (the batch the gradients
+  came from; ``apply_fn(params, batch)``).
 
   Args:
-    learning_rate: base LR η_base, a float or an optax schedule of the step count.
-    batch_size: B, examples per batch, as in the K formula.
-    apply_fn: ``apply_fn(params, batch)`` -> outputs ``(B, C)`` or ``(B,)``.
-    loss: as in :func:`kstep.gauss_newton_trace` (``"mse"``, ``"softmax_cross_entropy"``,
-      ``"sigmoid_binary_cross_entropy"`` or a per-example callable ``(outputs, batch) -> (B,)``).
-    target: ``(lo, hi)``, the K band; each end a float or a schedule, ``0 < lo < hi``.
-    momentum: μ of the momentum that precedes this transform (only used in K: α = 1 − μ).
-    every: estimate the trace every ``every`` updates (the first at update 0).
+    learning_rate: base LR η_base > 0, a float or an optax schedule of the step count.
+    apply_fn: ``apply_fn(params, batch)`` -> outputs ``(B, C)`` or ``(B, ...)``.
+    loss: ``"mse"`` (ℓ = ½ Σ_c (f_c − y_c)²), ``"softmax_cross_entropy"``,
+      ``"sigmoid_binary_cross_entropy"`` or a per-example callable ``(outputs, batch) -> (B,)``.
+    batch_size: B; ``None`` (default) reads it from the outputs' leading dimension (static under
+      jit; the global batch under sharding; summed over ``axis_name``). A given value that
+      differs from the batch raises ``ValueError`` naming both.
+    target: ``(lo, hi)``, the K band in the chosen ``output_norm``, each end a float or a
+      schedule, ``0 < lo < hi``. ``None``: (0.25, 0.4) per output (MSE's best band in the MNIST
+      band sweep, (2.6, 3.9) over 10 outputs) and (0.4, 0.8) on the Gauss–Newton trace (CE).
+    output_norm: ``"per_output"``, ``"max_output"``, ``"total"`` or ``"auto"`` (per output for
+      MSE and callables, total for the cross-entropies); see :mod:`kstep.k_estimate`.
+    momentum: μ of the momentum that precedes this transform (α = 1 − μ; the curvature edge).
+    nesterov: whether that momentum is Nesterov's (the curvature edge).
+    every: estimate every ``every`` updates (the first at update 0).
     num_probes: probes per estimate.
-    estimator: ``"hutchinson"`` (stochastic, cheap) or ``"exact"`` (per-example Jacobians).
-    smoothing: d in [0, 1), the weight of the old T̄ in each new estimate.
-    max_change: r > 1, the most one raw estimate may differ from T̄ (as a factor).
+    estimator: ``"hutchinson"`` (probes) or ``"exact"`` (per-example Jacobians).
+    max_sharpness_ratio: r in (0, 1]: keep ``η·λ_max ≤ r·E(μ)``; ``None`` turns the guard off.
+    sharpness_iters: power steps per estimate for λ_max (``FIRST_POWER_ITERS`` at the first).
+    decay_steps: anneal the band: multiply both ends by a cosine from 1 to 0 over this many
+      updates (a run of known length). ``None``: a constant band.
+    band_decay: instead of ``decay_steps``, any optax schedule of the update count giving the
+      band's multiplier.
+    smoothing: d in [0, 1), the weight of the old S̄ in each new estimate.
+    max_change: r > 1, the most one raw estimate may differ from S̄ (as a factor).
     max_scale: if given, the step never exceeds ``max_scale · η_base``.
-    trace_floor: ρ ≥ 0: each raw estimate becomes ``max(T̂, ρ · T̂_NTK)``, the NTK trace of the
-      outputs (logits) measured on the same batch with one more probe. ``"auto"`` (default) uses
-      ρ = 0.03 for the cross-entropies and no floor for MSE and callables; ``None`` disables it.
-      Why: as a softmax saturates, the Gauss–Newton trace collapses (×1e-4 on digits) while the
-      logits' NTK trace does not; without a floor the band raises the step without bound and
-      training dies (see the README's "Cross-entropy" section for the measurement).
-    seed: PRNG seed of the probes.
+    trace_floor: ρ ≥ 0: ``Ŝ ← max(Ŝ, ρ · Ŝ_NTK)`` (one more probe). ``"auto"``: 0.03 for the
+      cross-entropies (the Gauss–Newton trace collapses as a softmax saturates; README,
+      "Cross-entropy"), none for MSE and callables; ``None``: off.
+    seed: int seed of the probes (the key is made in ``init``).
     flip_sign: multiply by ``−η`` (descent) rather than ``η``.
-    axis_name: inside ``shard_map``/``pmap`` with the batch split over this axis (or tuple of
-      axes), combine the devices' contributions to each estimate (``batch_size`` is then the
-      global B and params must be replicated over the axis). Not needed under ``jax.jit`` with
-      sharded arrays. See :func:`kstep.gauss_newton_trace`.
-    probe_scope: ``"global"`` (the single-device estimate, one all-reduce of P floats per probe)
-      or ``"per_shard"`` (independent probes per device, one scalar all-reduce per probe, lower
-      variance); only with ``axis_name``.
+    axis_name: inside ``shard_map``/``pmap``, the axis the batch is split over (params
+      replicated over it). Not needed under ``jax.jit`` with sharded arrays.
+    probe_scope: ``"global"`` or ``"per_shard"`` (only with ``axis_name``), as in
+      :func:`kstep.gauss_newton_trace`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state :class:`ScaleByKControlState`.
@@ -203,160 +228,219 @@ def scale_by_k_control(
   Raises:
     ValueError: at construction, naming the argument that is out of range.
   """
-  _check_band(target)
-  _check_int("batch_size", batch_size)
-  _check_int("every", every)
-  _check_int("num_probes", num_probes)
-  if isinstance(num_probes, jax.core.Tracer):
-    raise ValueError(
-        "`num_probes` sets the number of probes (a shape) and must be a static Python int; under "
-        "optax.inject_hyperparams list it in `static_args`."
-    )
-  if _is_number(num_probes):
-    num_probes = int(num_probes)
-  _check_momentum(momentum)
-  if not callable(apply_fn):
-    raise ValueError(f"`apply_fn` must be callable apply_fn(params, batch); got {apply_fn!r}.")
+  arguments.check_learning_rate(learning_rate, optional=False)
+  arguments.check_callable("apply_fn", apply_fn, "apply_fn(params, batch) -> outputs")
   losses.resolve_loss(loss)
-  if estimator not in ESTIMATORS:
-    raise ValueError(f"`estimator` must be one of {ESTIMATORS}; got {estimator!r}.")
+  norm = k_estimate.resolve_output_norm(output_norm, loss)
+  target = DEFAULT_TARGETS[norm] if target is None else target
+  _check_band(target)
+  if batch_size is not None:
+    arguments.check_positive_int("batch_size", batch_size)
+  arguments.check_momentum(momentum)
+  if not isinstance(nesterov, bool):
+    raise ValueError(f"`nesterov` must be a bool; got {nesterov!r}.")
+  arguments.check_positive_int("every", every)
+  num_probes = arguments.check_static_int(
+      "num_probes", num_probes, "sets the number of probes (a shape)"
+  )
+  if estimator not in estimators.METHODS:
+    raise ValueError(f"`estimator` must be one of {estimators.METHODS}; got {estimator!r}.")
+  _check_optional("max_sharpness_ratio", max_sharpness_ratio, 0.0, 1.0)
+  arguments.check_positive_int("sharpness_iters", sharpness_iters)
+  decay_fn = _band_decay(decay_steps, band_decay)
   estimators.check_probe_scope(probe_scope, axis_name)
-  if _is_number(smoothing) and not 0.0 <= float(smoothing) < 1.0:
+  if arguments.is_number(smoothing) and not 0.0 <= float(smoothing) < 1.0:
     raise ValueError(f"`smoothing` must be in [0, 1); got {smoothing!r}.")
-  if _is_number(max_change) and not float(max_change) > 1.0:
+  if arguments.is_number(max_change) and not float(max_change) > 1.0:
     raise ValueError(f"`max_change` must be > 1; got {max_change!r}.")
-  if max_scale is not None and _is_number(max_scale) and not float(max_scale) > 0.0:
-    raise ValueError(f"`max_scale` must be > 0 or None; got {max_scale!r}.")
+  _check_optional("max_scale", max_scale, 0.0)
   trace_floor = _resolve_trace_floor(trace_floor, loss)
+  if isinstance(seed, bool) or not isinstance(seed, (numbers.Integral, jax.Array)):
+    raise ValueError(f"`seed` must be an int; got {seed!r}.")
+  guard = max_sharpness_ratio is not None
+  spec = losses.resolve_loss(loss)
   lo_sched, hi_sched = target
   sign = -1.0 if flip_sign else 1.0
 
   def init_fn(params: Any) -> ScaleByKControlState:
-    del params
-    zero = jnp.zeros((), jnp.float32)
+    arguments.check_real_params(params, "k_controlled_sgd")
+    nan = jnp.full((), jnp.nan, jnp.float32)
     izero = jnp.zeros((), jnp.int32)
+    key = jax.random.PRNGKey(seed)
+    vector = estimators.random_unit(jax.random.split(key)[1], params) if guard else ()
     return ScaleByKControlState(
-        count=izero, key=jax.random.PRNGKey(seed), trace=zero, trace_raw=zero, trace_stderr=zero,
-        trace_var=zero, k=zero, learning_rate=zero, base_learning_rate=zero,
-        num_estimates=izero, num_skipped=izero, num_raised=izero, num_lowered=izero,
+        count=izero, key=key, k=nan, k_scale=nan, k_trace=nan, k_trace_raw=nan,
+        k_trace_stderr=nan, k_trace_var=jnp.zeros((), jnp.float32), k_learning_rate=nan,
+        k_base_learning_rate=nan, k_num_outputs=izero, k_num_estimates=izero,
+        k_num_skipped=izero, k_num_raised=izero, k_num_lowered=izero, k_num_capped=izero,
+        gn_lambda_max=nan, sharpness_ratio=nan, sharpness_num_skipped=izero,
+        gn_eigenvector=vector,
     )
 
   def estimate(state: ScaleByKControlState, params: Any, batch: Any) -> ScaleByKControlState:
-    key = jax.random.fold_in(state.key, state.count)
-    trace = lambda loss_, key_: estimators.gauss_newton_trace(
-        apply_fn, params, batch, loss=loss_, key=key_, num_probes=num_probes, method=estimator,
+    first = state.k_num_estimates == 0
+    est = k_estimate.estimate(
+        apply_fn, params, batch, loss=spec, key=jax.random.fold_in(state.key, state.count),
+        output_norm=norm, num_probes=num_probes, estimator=estimator, trace_floor=trace_floor,
+        eigenvector=state.gn_eigenvector if guard else None,
+        power_iters=jnp.where(first, FIRST_POWER_ITERS, sharpness_iters),
         axis_name=axis_name, probe_scope=probe_scope,
-    ).value
-    raw = trace(loss, key)
-    if trace_floor is not None:
-      raw = jnp.maximum(raw, trace_floor * trace("mse", jax.random.fold_in(key, 1)))
-    valid = jnp.isfinite(raw) & (raw > 0)
-    raw = jnp.where(valid, raw, state.trace_raw)
-    first = state.num_estimates == 0
-    old = jnp.where(first, raw, state.trace)
-    clipped = jnp.clip(raw, old / max_change, old * max_change)
-    new = jnp.where(first, raw, smoothing * old + (1.0 - smoothing) * clipped)
-    dev2 = jnp.square(raw - new)
-    var = jnp.where(first, dev2, smoothing * state.trace_var + (1.0 - smoothing) * dev2)
-    # An EMA with weight (1 − d) averages about (1 + d)/(1 − d) estimates.
-    stderr = jnp.sqrt(var * (1.0 - smoothing) / (1.0 + smoothing))
-    keep = lambda new_value, old_value: jnp.where(valid, new_value, old_value)
+    )
+    valid = jnp.isfinite(est.scale) & (est.scale > 0) & jnp.isfinite(est.trace)
+    old = jnp.where(first, est.scale, state.k_scale)
+    clipped = jnp.clip(est.scale, old / max_change, old * max_change)
+    scale = jnp.where(first, est.scale, smoothing * old + (1.0 - smoothing) * clipped)
+    # T̄ follows S̄: the same weights, the raw T̂ moved by the clip applied to Ŝ.
+    raw_t = est.trace * clipped / jnp.where(est.scale > 0, est.scale, 1.0)
+    trace = jnp.where(first, est.trace, smoothing * state.k_trace + (1.0 - smoothing) * raw_t)
+    dev2 = jnp.square(est.trace - trace)
+    var = jnp.where(first, 0.0, smoothing * state.k_trace_var + (1.0 - smoothing) * dev2)
+    # An EMA with weight (1 − d) averages about (1 + d)/(1 − d) estimates; one has no spread.
+    stderr = jnp.where(first, jnp.nan, jnp.sqrt(var * (1.0 - smoothing) / (1.0 + smoothing)))
+    keep = lambda new, old_value: jnp.where(valid, new, old_value).astype(old_value.dtype)
+    state = state._replace(
+        k_scale=keep(scale, state.k_scale), k_trace=keep(trace, state.k_trace),
+        k_trace_raw=keep(est.trace, state.k_trace_raw), k_trace_var=keep(var, state.k_trace_var),
+        k_trace_stderr=keep(stderr, state.k_trace_stderr),
+        k_num_estimates=state.k_num_estimates + valid.astype(jnp.int32),
+        k_num_skipped=state.k_num_skipped + (~valid).astype(jnp.int32),
+    )
+    if not guard:
+      return state
+    leaves = jax.tree.leaves(est.eigenvector)
+    vec_ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in leaves]))
+    lam_ok = jnp.isfinite(est.lambda_max) & (est.lambda_max > 0) & vec_ok
     return state._replace(
-        trace=keep(new, state.trace), trace_raw=raw, trace_var=keep(var, state.trace_var),
-        trace_stderr=keep(stderr, state.trace_stderr),
-        num_estimates=state.num_estimates + valid.astype(jnp.int32),
-        num_skipped=state.num_skipped + (~valid).astype(jnp.int32),
+        gn_lambda_max=jnp.where(lam_ok, est.lambda_max, state.gn_lambda_max),
+        gn_eigenvector=jax.tree.map(
+            lambda n, o: jnp.where(vec_ok, n, o).astype(o.dtype), est.eigenvector,
+            state.gn_eigenvector,
+        ),
+        sharpness_num_skipped=state.sharpness_num_skipped + (~lam_ok).astype(jnp.int32),
     )
 
   def update_fn(updates, state: ScaleByKControlState, params=None, **extra_args):
     batch = extra_args.get("batch")
     if batch is None:
-      raise _missing_batch_error()
+      raise ValueError(
+          "kstep's K controller estimates K on the batch the gradients came from: call "
+          "`opt.update(grads, state, params, batch=batch)` (inside optax.chain the keyword is "
+          "forwarded; with flax nnx, `optimizer.update(model, grads, batch=batch)`)."
+      )
     if params is None:
       raise ValueError("kstep's K controller needs `params`: opt.update(grads, state, params, "
                        "batch=batch).")
+    arguments.check_real_params(params, "k_controlled_sgd")
+    b, c = k_estimate.batch_rows(apply_fn, params, batch, batch_size, axis_name=axis_name)
     state = jax.lax.cond(
-        state.count % every == 0,
-        lambda s: estimate(s, params, batch),
-        lambda s: s,
-        state,
+        state.count % every == 0, lambda s: estimate(s, params, batch), lambda s: s, state
     )
     count = state.count
-    base = _value(learning_rate, count)
-    lo, hi = _value(lo_sched, count), _value(hi_sched, count)
+    base = arguments.schedule_value(learning_rate, count)
+    lo = arguments.schedule_value(lo_sched, count)
+    hi = arguments.schedule_value(hi_sched, count)
+    if decay_fn is not None:
+      d = arguments.schedule_value(decay_fn, count)
+      lo, hi = d * lo, d * hi
     alpha = 1.0 - jnp.asarray(momentum, jnp.float32)
-    has_trace = state.trace > 0
-    eta_one = 2.0 * alpha * jnp.asarray(batch_size, jnp.float32) / jnp.where(
-        has_trace, state.trace, 1.0
-    )
-    eta = jnp.where(has_trace, jnp.clip(base, lo * eta_one, hi * eta_one), base)
+    has_scale = state.k_num_estimates > 0
+    eta_one = 2.0 * alpha * b / jnp.where(has_scale, state.k_scale, 1.0)
+    eta = jnp.where(has_scale, jnp.clip(base, lo * eta_one, hi * eta_one), base)
     if max_scale is not None:
       eta = jnp.minimum(eta, max_scale * base)
-    k = noise_kernel.k_from_trace(eta, batch_size, state.trace, momentum)
+    capped = jnp.bool_(False)
+    ratio = jnp.full((), jnp.nan, jnp.float32)
+    if guard:
+      edge = curvature_edge(momentum, nesterov)
+      has_lam = jnp.isfinite(state.gn_lambda_max)
+      cap = max_sharpness_ratio * edge / jnp.where(has_lam, state.gn_lambda_max, 1.0)
+      capped = has_lam & (eta > cap)
+      eta = jnp.where(capped, cap, eta)
+      ratio = jnp.where(has_lam, eta * state.gn_lambda_max / edge, jnp.nan)
+    k = jnp.where(has_scale, noise_kernel.k_from_trace(eta, b, state.k_scale, momentum), jnp.nan)
     updates = jax.tree.map(lambda u: (sign * eta * u).astype(u.dtype), updates)
     return updates, state._replace(
-        count=optax.safe_increment(count), k=k, learning_rate=eta, base_learning_rate=base,
-        num_raised=state.num_raised + (eta > base).astype(jnp.int32),
-        num_lowered=state.num_lowered + (eta < base).astype(jnp.int32),
+        count=optax.safe_increment(count), k=k.astype(jnp.float32), k_learning_rate=eta,
+        k_base_learning_rate=base, k_num_outputs=jnp.asarray(c, jnp.int32),
+        k_num_raised=state.k_num_raised + (eta > base).astype(jnp.int32),
+        k_num_lowered=state.k_num_lowered + (eta < base).astype(jnp.int32),
+        k_num_capped=state.k_num_capped + capped.astype(jnp.int32),
+        sharpness_ratio=ratio.astype(jnp.float32),
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def k_controlled_sgd(
-    learning_rate: ScalarOrSchedule,
+    learning_rate: optax.ScalarOrSchedule,
     *,
-    batch_size: int,
     apply_fn: Callable[[Any, Any], Array],
     loss: str | Callable[..., Array] = "mse",
-    target: tuple[ScalarOrSchedule, ScalarOrSchedule] = (0.4, 0.8),
+    batch_size: int | None = None,
+    target: tuple[optax.ScalarOrSchedule, optax.ScalarOrSchedule] | None = None,
+    output_norm: str = "auto",
     momentum: float = 0.9,
     nesterov: bool = False,
-    weight_decay: float = 0.0,
+    weight_decay: float | None = None,
     every: int = 10,
     num_probes: int = 1,
     estimator: str = "hutchinson",
+    max_sharpness_ratio: float | None = DEFAULT_MAX_SHARPNESS_RATIO,
+    sharpness_iters: int = 2,
+    decay_steps: int | None = None,
+    band_decay: optax.Schedule | None = None,
     smoothing: float = 0.8,
     max_change: float = 4.0,
     max_scale: float | None = None,
     trace_floor: float | str | None = "auto",
-    seed: int | Array = 0,
-    axis_name: estimators.AxisName = None,
+    seed: int = 0,
+    axis_name: AxisName = None,
     probe_scope: str = "global",
 ) -> optax.GradientTransformationExtraArgs:
-  """SGD with momentum whose step keeps the noise kernel norm K inside ``target``.
+  """SGD with momentum whose step keeps K inside ``target`` and η·λ_max below its edge.
 
   ``optax.chain(add_decayed_weights(weight_decay), trace(momentum, nesterov),
-  scale_by_k_control(learning_rate, ...))``: the same chain as ``optax.sgd`` with the final
+  scale_by_k_control(learning_rate, ...))``: the chain of ``optax.sgd`` with the final
   learning-rate scaling replaced by the K controller (see :func:`scale_by_k_control` for the
-  control law and every argument). Pass the batch to ``update``::
+  control law and every argument). ``weight_decay=None`` (default) and ``momentum=0`` leave
+  their parts out, as in optax. For a run of known length pass ``decay_steps`` (the annealed
+  band). Pass the batch to ``update``:
 
-      opt = kstep.k_controlled_sgd(0.1, batch_size=128, apply_fn=model.apply)
-      updates, state = opt.update(grads, state, params, batch=batch)
-      kstep.stats(state)["k"]
+  >>> import jax, jax.numpy as jnp, optax, kstep
+  >>> apply_fn = lambda p, batch: batch["x"] @ p["w"]
+  >>> params = {"w": jnp.zeros((3, 2))}
+  >>> batch = {"x": jnp.ones((4, 3)), "y": jnp.ones((4, 2))}
+  >>> loss_fn = lambda p, b: 0.5 * jnp.mean(jnp.sum((apply_fn(p, b) - b["y"]) ** 2, -1))
+  >>> opt = kstep.k_controlled_sgd(10.0, apply_fn=apply_fn, decay_steps=100)
+  >>> state = opt.init(params)
+  >>> grads = jax.grad(loss_fn)(params, batch)
+  >>> updates, state = opt.update(grads, state, params, batch=batch)
+  >>> s = kstep.stats(state)
+  >>> round(float(s["k"]), 3), bool(s["k_learning_rate"] < 10.0)  # lowered to the band's top
+  (0.4, True)
 
-  Under ``optax.inject_hyperparams``, list ``apply_fn`` (and a callable ``loss``) in
-  ``static_args``: it treats every callable as a schedule. ``num_probes`` must be static too (it is
-  a shape); the other numbers may be injected.
+  Under ``optax.inject_hyperparams`` use :func:`kstep.inject_hyperparams`, which lists the
+  static arguments (``apply_fn``, a callable ``loss``, ``num_probes``, ...) for you.
 
   Raises:
     ValueError: at construction, naming the argument that is out of range.
   """
-  if _is_number(weight_decay) and float(weight_decay) < 0:
-    raise ValueError(f"`weight_decay` must be >= 0; got {weight_decay!r}.")
-  _check_momentum(momentum)
-  # Which parts the chain holds must not depend on whether a value is concrete: under
-  # optax.inject_hyperparams `init` sees concrete arrays and a jitted `update` sees tracers, so
-  # only a Python zero (static) drops a part; an array zero keeps it (a no-op) in both.
+  if weight_decay is not None and arguments.is_number(weight_decay) and float(weight_decay) < 0:
+    raise ValueError(f"`weight_decay` must be >= 0 or None; got {weight_decay!r}.")
+  arguments.check_momentum(momentum)
+  # Which parts the chain holds depends only on what is static: None drops weight decay, a
+  # Python zero drops momentum; an array (e.g. injected) keeps its part in init and update alike.
   parts = []
-  if not _is_python_zero(weight_decay):
+  if weight_decay is not None:
     parts.append(optax.add_decayed_weights(weight_decay))
-  if not _is_python_zero(momentum):
+  if not (isinstance(momentum, numbers.Number) and float(momentum) == 0.0):
     parts.append(optax.trace(decay=momentum, nesterov=nesterov))
   parts.append(
       scale_by_k_control(
-          learning_rate, batch_size=batch_size, apply_fn=apply_fn, loss=loss, target=target,
-          momentum=momentum, every=every, num_probes=num_probes, estimator=estimator,
+          learning_rate, apply_fn=apply_fn, loss=loss, batch_size=batch_size, target=target,
+          output_norm=output_norm, momentum=momentum, nesterov=nesterov, every=every,
+          num_probes=num_probes, estimator=estimator, max_sharpness_ratio=max_sharpness_ratio,
+          sharpness_iters=sharpness_iters, decay_steps=decay_steps, band_decay=band_decay,
           smoothing=smoothing, max_change=max_change, max_scale=max_scale,
           trace_floor=trace_floor, seed=seed, axis_name=axis_name, probe_scope=probe_scope,
       )

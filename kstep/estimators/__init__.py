@@ -1,7 +1,7 @@
 """Curvature estimators: traces, the output kernel, curvature products, λ_max, Batch Sharpness.
 
 One module per job, read top-down: :mod:`~kstep.estimators.traces` (Gauss–Newton / NTK traces,
-empirical NTK), :mod:`~kstep.estimators.output_kernel` (the C×C output kernel M),
+empirical NTK), :mod:`~kstep.estimators.output_kernels` (the C×C output kernel M),
 :mod:`~kstep.estimators.products` (Hessian- and Gauss–Newton-vector products),
 :mod:`~kstep.estimators.eigensolvers` (λ_max), :mod:`~kstep.estimators.sharpness` (Batch
 Sharpness); helpers in :mod:`~kstep.estimators.tree_math`, :mod:`~kstep.estimators.data_axis` and
@@ -34,7 +34,7 @@ from kstep.estimators.eigensolvers import (
     lambda_max,
 )
 from kstep.estimators.linearization import LinearizedModel, linearize
-from kstep.estimators.output_kernel import OutputKernel, output_kernel
+from kstep.estimators.output_kernels import OutputKernel, output_kernel
 from kstep.estimators.products import batch_curvature, gauss_newton_vp, hvp
 from kstep.estimators.sample_stats import mean_and_stderr, ratio_of_means
 from kstep.estimators.sharpness import BatchSharpness, batch_sharpness
