@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from kstep import losses
-from kstep.estimators import linearization, output_kernels, products, traces
+from kstep.estimators import data_axis, linearization, output_kernels, products, traces
 from kstep.estimators import tree_math as tm
 from kstep.estimators.data_axis import AxisName
 
@@ -74,6 +74,30 @@ def batch_rows(apply_fn: Callable[[PyTree, Any], Array], params: PyTree, batch: 
   return b, c
 
 
+def probe_rows(apply_fn: Callable[[PyTree, Any], Array], params: PyTree, batch: Any,
+               probe_batch_size: int | None, *, axis_name: AxisName = None) -> Any:
+  """About ``probe_batch_size`` examples of ``batch``: every s-th, ``s = B // probe_batch_size``.
+
+  T is a mean over examples, so its estimate on a sub-batch is unbiased for it, at the
+  sub-batch's cost (more variance, which the smoothing averages). Strided rather than leading
+  rows, so that under a sharded batch every shard keeps the same share; with ``axis_name`` each
+  device strides its own rows (the single-device rows when ``s`` divides them). Leaves whose
+  leading dimension is not the batch's are left whole. ``None`` or ``≥ B``: the whole batch.
+  """
+  local = jax.eval_shape(lambda p: apply_fn(p, batch), params).shape[0]
+  b_total, _ = data_axis.global_rows(local, axis_name)
+  if probe_batch_size is None or probe_batch_size >= b_total:
+    return batch
+  stride = b_total // probe_batch_size
+
+  def take(leaf: Any) -> Any:
+    if jnp.ndim(leaf) == 0 or jnp.shape(leaf)[0] != local:
+      return leaf
+    return leaf[::stride]
+
+  return jax.tree.map(take, batch)
+
+
 class KEstimate(NamedTuple):
   """One estimate on one batch (float32 scalars; ``eigenvector`` a float32 pytree or None).
 
@@ -96,26 +120,30 @@ def gauss_newton_power(
     loss: losses.OutputLoss,
     batch: Any,
     v: PyTree,
-    num_iters: Any,
+    num_iters: int,
     *,
     axis_name: AxisName = None,
 ) -> tuple[Array, PyTree]:
-  """``num_iters`` (≥ 1, may be traced) power steps on the Gauss–Newton matrix from ``v``.
+  """``num_iters`` (≥ 1, static) power steps on the Gauss–Newton matrix from ``v``.
 
   Returns ``(λ, v')``: λ the Rayleigh quotient ``vᵀGv`` of the last unit vector multiplied, v'
-  the normalised product (kept as it was where the product vanishes).
+  the normalised product (kept as it was where the product vanishes). Up to two steps are
+  unrolled (a loop costs a while-loop's overhead on every estimate), more run in a loop.
   """
 
   def body(_, carry):
     u, _ = carry
     w = tm.f32(products.linearized_gauss_newton_vp(lin, loss, batch, u, axis_name=axis_name))
-    lam = tm.vdot(u, w)
     unit, norm = tm.unit(w)
-    return tm.where(norm > 0, unit, u), lam
+    return tm.where(norm > 0, unit, u), tm.vdot(u, w)
 
-  v0, _ = tm.unit(tm.f32(v))
-  v1, lam = jax.lax.fori_loop(0, num_iters, body, (v0, jnp.float32(0.0)))
-  return lam, v1
+  carry = (tm.unit(tm.f32(v))[0], jnp.float32(0.0))
+  if num_iters > 2:
+    carry = jax.lax.fori_loop(0, num_iters, body, carry)
+  else:
+    for i in range(num_iters):
+      carry = body(i, carry)
+  return carry[1], carry[0]
 
 
 def estimate(
@@ -130,7 +158,9 @@ def estimate(
     estimator: str = "hutchinson",
     trace_floor: Any = None,
     eigenvector: PyTree | None = None,
-    power_iters: Any = 1,
+    power_iters: int = 1,
+    first_power_iters: int | None = None,
+    first: Any = False,
     axis_name: AxisName = None,
     probe_scope: str = "global",
 ) -> KEstimate:
@@ -138,11 +168,13 @@ def estimate(
 
   ``output_norm`` must be resolved (not ``"auto"``). Cost: one forward pass; ``num_probes`` VJPs
   (C per probe for ``"max_output"``); one more VJP with ``trace_floor``; ``power_iters`` JVP+VJP
-  pairs with ``eigenvector``. ``estimator="exact"`` replaces the probes by B per-example
-  Jacobians.
+  pairs with ``eigenvector`` (``first_power_iters`` where ``first`` is true: a cold start).
+  ``estimator="exact"`` replaces the probes by B per-example Jacobians.
   """
   lin = linearization.linearize(apply_fn, params, batch, axis_name=axis_name)
   c = lin.outputs.shape[1]
+  mse = losses.resolve_loss("mse")
+  ntk = None
   keys = jax.random.split(key, 2)
   common = dict(axis_name=axis_name, probe_scope=probe_scope)
   if output_norm == "max_output":
@@ -161,17 +193,26 @@ def estimate(
       trace = traces.gauss_newton_trace(
           apply_fn, params, batch, loss=loss, method="exact", **common
       ).value
+    elif trace_floor is not None and loss.noise is not None:
+      # The trace and its floor's NTK trace from one batched VJP per probe.
+      trace, ntk = (e.value for e in traces.hutchinson_traces(
+          lin, (loss, mse), batch, key=keys[0], num_probes=num_probes, **common))
     else:
       trace = traces.hutchinson_trace(
           lin, loss, batch, key=keys[0], num_probes=num_probes, **common
       ).value
     scale = trace / c if output_norm == "per_output" else trace
   if trace_floor is not None:
-    ntk = traces.hutchinson_trace(lin, losses.resolve_loss("mse"), batch, key=keys[1], **common)
-    scale = jnp.maximum(scale, trace_floor * ntk.value / (1 if output_norm == "total" else c))
+    if ntk is None:
+      ntk = traces.hutchinson_trace(lin, mse, batch, key=keys[1], **common).value
+    scale = jnp.maximum(scale, trace_floor * ntk / (1 if output_norm == "total" else c))
   lam = jnp.full((), jnp.nan, jnp.float32)
   if eigenvector is not None:
-    lam, eigenvector = gauss_newton_power(
-        lin, loss, batch, eigenvector, power_iters, axis_name=axis_name
-    )
+    power = lambda n: lambda v: gauss_newton_power(lin, loss, batch, v, n, axis_name=axis_name)
+    if first_power_iters is None:
+      lam, eigenvector = power(power_iters)(eigenvector)
+    else:
+      lam, eigenvector = jax.lax.cond(
+          first, power(first_power_iters), power(power_iters), eigenvector
+      )
   return KEstimate(trace.astype(jnp.float32), scale.astype(jnp.float32), lam, eigenvector)

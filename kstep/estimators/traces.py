@@ -162,6 +162,16 @@ def draw_rows(noise: Callable[[Array, tuple[int, ...]], Array], key: Array,
   return jax.lax.dynamic_slice_in_dim(rows, lin.first_row, lin.num_rows, axis=0)
 
 
+def _map_probes(probe: Callable[[Array], Array], key: Array, num_probes: int,
+                chunk_size: int) -> Array:
+  """``probe`` on ``num_probes`` keys split from ``key``, stacked; one probe runs without a loop
+  (a loop of one costs a while-loop's overhead on every estimate)."""
+  keys = jax.random.split(key, num_probes)
+  if num_probes == 1:
+    return probe(keys[0])[None]
+  return jax.lax.map(probe, keys, batch_size=min(chunk_size, num_probes))
+
+
 def hutchinson_trace(
     lin: linearization.LinearizedModel,
     loss: losses.OutputLoss,
@@ -179,32 +189,65 @@ def hutchinson_trace(
   probe (a Rademacher tangent in parameter space) and an output-space Hessian product.
   """
   spec = loss.for_output_shape(lin.out_shape)
-  b_total, out2d = lin.num_rows_total, lin.outputs
-  keys = jax.random.split(key, num_probes)
-
   if spec.noise is not None:
-    per_shard = probe_scope == "per_shard"
+    return hutchinson_traces(
+        lin, (spec,), batch, key=key, num_probes=num_probes, chunk_size=chunk_size,
+        axis_name=axis_name, probe_scope=probe_scope,
+    )[0]
+  b_total, out2d = lin.num_rows_total, lin.outputs
+  flat_params, unravel = ravel_pytree(lin.params)
 
-    def probe(k: Array) -> Array:
-      noise = draw_rows(spec.noise, k, lin, out2d.shape[1], axis_name=axis_name,
-                        per_shard=per_shard)
-      g = lin.vjp(spec.probe(noise, out2d, batch))
-      if per_shard:
-        return data_axis.psum(tm.sq_norm(g), axis_name) / b_total
-      return tm.sq_norm(data_axis.psum(tm.f32(g), axis_name)) / b_total
+  def probe(k: Array) -> Array:
+    # One draw over all P parameters (a draw per leaf would put one RNG per leaf in the
+    # compiled program, and compile time grows with the number of leaves).
+    z = unravel(jax.random.rademacher(k, flat_params.shape, dtype=flat_params.dtype))
+    w = lin.jvp(z)
+    return data_axis.psum(jnp.sum(w * spec.gnvp(out2d, batch, w)), axis_name) / b_total
 
-  else:
-    flat_params, unravel = ravel_pytree(lin.params)
-
-    def probe(k: Array) -> Array:
-      # One draw over all P parameters (a draw per leaf would put one RNG per leaf in the
-      # compiled program, and compile time grows with the number of leaves).
-      z = unravel(jax.random.rademacher(k, flat_params.shape, dtype=flat_params.dtype))
-      w = lin.jvp(z)
-      return data_axis.psum(jnp.sum(w * spec.gnvp(out2d, batch, w)), axis_name) / b_total
-
-  samples = jax.lax.map(probe, keys, batch_size=min(chunk_size, num_probes))
+  samples = _map_probes(probe, key, num_probes, chunk_size)
   return TraceEstimate(*sample_stats.mean_and_stderr(samples))
+
+
+def hutchinson_traces(
+    lin: linearization.LinearizedModel,
+    specs: tuple[losses.OutputLoss, ...],
+    batch: Any,
+    *,
+    key: Array,
+    num_probes: int = 1,
+    chunk_size: int = 32,
+    axis_name: AxisName = None,
+    probe_scope: str = "global",
+) -> tuple[TraceEstimate, ...]:
+  """Traces of several named losses' Gauss–Newton matrices from shared probes' VJPs.
+
+  Per probe, each loss samples its own cotangent (independent noise: loss j uses the probe's key
+  folded with j) and one batched VJP (``vmap`` over the stacked cotangents) differentiates them
+  all: e.g. the Gauss–Newton trace and the trace floor's NTK trace in one pass.
+  """
+  specs = tuple(s.for_output_shape(lin.out_shape) for s in specs)
+  b_total, out2d = lin.num_rows_total, lin.outputs
+  per_shard = probe_scope == "per_shard"
+
+  def probe(k: Array) -> Array:
+    cotangents = []
+    for j, spec in enumerate(specs):
+      kj = k if j == 0 else jax.random.fold_in(k, j)
+      noise = draw_rows(spec.noise, kj, lin, out2d.shape[1], axis_name=axis_name,
+                        per_shard=per_shard)
+      cotangents.append(spec.probe(noise, out2d, batch))
+    g = jax.vmap(lin.vjp)(jnp.stack(cotangents))
+    sq = lambda tree: sum(
+        jnp.sum(jnp.square(x.astype(jnp.float32)), axis=tuple(range(1, x.ndim)))
+        for x in jax.tree.leaves(tree)
+    )
+    if per_shard:
+      return data_axis.psum(sq(g), axis_name) / b_total
+    return sq(data_axis.psum(tm.f32(g), axis_name)) / b_total
+
+  samples = _map_probes(probe, key, num_probes, chunk_size)  # (probes, losses)
+  return tuple(TraceEstimate(*sample_stats.mean_and_stderr(samples[:, j]))
+               for j in range(len(specs)))
 
 
 def ntk_trace(

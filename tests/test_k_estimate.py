@@ -1,0 +1,60 @@
+"""Tests of kstep.k_estimate: the sub-batch, the shared-VJP trace pair, the power steps."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import kstep
+from kstep import k_estimate, losses
+from kstep.estimators import linearization, traces
+
+C, D, B = 4, 6, 16
+
+
+def mlp(params, batch):
+  return jnp.tanh(batch["x"] @ params["w0"]) @ params["w1"]
+
+
+rng = np.random.default_rng(0)
+PARAMS = {"w0": jnp.asarray(rng.normal(size=(D, 12)) / np.sqrt(D), jnp.float32),
+          "w1": jnp.asarray(3 * rng.normal(size=(12, C)) / np.sqrt(12), jnp.float32)}
+BATCH = {"x": jnp.asarray(rng.normal(size=(B, D)), jnp.float32)}
+
+
+def test_probe_rows_strided_and_unbiased_for_the_batch_trace():
+  with_scalar = {**BATCH, "lr": jnp.float32(0.1)}
+  sub = k_estimate.probe_rows(mlp, PARAMS, with_scalar, 4)
+  np.testing.assert_array_equal(sub["x"], BATCH["x"][::4])
+  assert sub["lr"] is with_scalar["lr"]  # not an example leaf: whole
+  assert k_estimate.probe_rows(mlp, PARAMS, BATCH, None) is BATCH
+  assert k_estimate.probe_rows(mlp, PARAMS, BATCH, 64) is BATCH
+  # The mean of the exact traces of the 4 strided sub-batches (offsets 0..3) is the batch's.
+  full = kstep.ntk_trace(mlp, PARAMS, BATCH, method="exact").value
+  subs = [kstep.ntk_trace(mlp, PARAMS, {"x": BATCH["x"][o::4]}, method="exact").value
+          for o in range(4)]
+  np.testing.assert_allclose(np.mean(subs), full, rtol=1e-5)
+
+
+def test_trace_pair_from_one_batched_vjp_is_unbiased():
+  ce = losses.resolve_loss("softmax_cross_entropy")
+  mse = losses.resolve_loss("mse")
+  lin = linearization.linearize(mlp, PARAMS, BATCH)
+  gn, ntk = jax.jit(lambda k: traces.hutchinson_traces(lin, (ce, mse), BATCH, key=k,
+                                                       num_probes=4000))(jax.random.PRNGKey(1))
+  for est, loss in ((gn, "softmax_cross_entropy"), (ntk, "mse")):
+    exact = kstep.gauss_newton_trace(mlp, PARAMS, BATCH, loss=loss, method="exact").value
+    assert abs(est.value - exact) < 3.5 * est.stderr, (loss, est, exact)
+    assert est.stderr < 0.1 * exact
+
+
+def test_power_steps_converge_to_the_gauss_newton_top_eigenvalue():
+  lin = linearization.linearize(mlp, PARAMS, BATCH)
+  mse = losses.resolve_loss("mse")
+  ref = kstep.gauss_newton_lambda_max(mlp, PARAMS, BATCH, num_iters=40).value
+  v = jax.tree.map(jnp.ones_like, PARAMS)
+  lam, v = k_estimate.gauss_newton_power(lin, mse, BATCH, v, 30)
+  np.testing.assert_allclose(lam, ref, rtol=1e-3)
+  lam1, _ = k_estimate.gauss_newton_power(lin, mse, BATCH, v, 1)  # warm: one step suffices
+  np.testing.assert_allclose(lam1, ref, rtol=1e-3)
+  cold, _ = k_estimate.gauss_newton_power(lin, mse, BATCH, jax.tree.map(jnp.ones_like, PARAMS), 1)
+  assert cold < ref  # a Rayleigh quotient never overshoots
