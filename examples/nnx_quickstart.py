@@ -48,7 +48,7 @@ def main() -> None:
     return nnx.merge(graphdef, params, rest)(batch["x"])
 
   tx = kstep.k_controlled_sgd(
-      args.learning_rate, batch_size=args.batch_size, apply_fn=apply_fn, loss="mse"
+      args.learning_rate, apply_fn=apply_fn, loss="mse", decay_steps=args.steps
   )
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
@@ -67,8 +67,9 @@ def main() -> None:
     idx = rng.choice(len(x_train), args.batch_size, replace=False)
     loss = train_step(model, optimizer, {"x": x_train[idx], "y": y_train[idx]})
     if t % 200 == 0 or t == args.steps - 1:
-      s = jax.device_get(kstep.stats(nnx.as_pure(optimizer.opt_state)))
-      print(f"step {t:5d}  loss {float(loss):.4f}  K {s['k']:.3f}  lr {s['learning_rate']:.4g}")
+      s = jax.device_get(kstep.stats(optimizer.opt_state))  # plain arrays, NNX state or not
+      print(f"step {t:5d}  loss {float(loss):.4f}  K per output {s['k']:.3f}  "
+            f"lr {s['k_learning_rate']:.4g}")
   accuracy = jnp.mean(jnp.argmax(model(x_test), -1) == y_test)
   print(f"test accuracy {float(accuracy):.3f}")
 

@@ -39,6 +39,7 @@ DEFAULT_TARGETS = {"per_output": (0.25, 0.4), "max_output": (0.25, 0.4), "total"
 CROSS_ENTROPY_TRACE_FLOOR = 0.03
 DEFAULT_MAX_SHARPNESS_RATIO = 0.5
 FIRST_POWER_ITERS = 20
+FIRST_PROBES = 8
 DEFAULT_PROBE_BATCH_SIZE = 32
 
 
@@ -203,7 +204,8 @@ def scale_by_k_control(
     momentum: μ of the momentum that precedes this transform (α = 1 − μ; the curvature edge).
     nesterov: whether that momentum is Nesterov's (the curvature edge).
     every: estimate every ``every`` updates (the first at update 0).
-    num_probes: probes per estimate.
+    num_probes: probes per estimate (``FIRST_PROBES`` times as many, on the whole batch, at the
+      first estimate, which sets S̄ alone).
     estimator: ``"hutchinson"`` (probes) or ``"exact"`` (per-example Jacobians).
     max_sharpness_ratio: r in (0, 1]: keep ``η·λ_max ≤ r·E(μ)``; ``None`` turns the guard off.
       Default 0.5, measured (digits MLP, 10-class MSE, base LR 3, band (0.3, 0.6) per output, 60
@@ -292,16 +294,25 @@ def scale_by_k_control(
         gn_eigenvector=vector,
     )
 
-  def estimate(state: ScaleByKControlState, params: Any, batch: Any) -> ScaleByKControlState:
-    first = state.k_num_estimates == 0
-    probe = k_estimate.probe_rows(apply_fn, params, batch, probe_batch_size, axis_name=axis_name)
-    est = k_estimate.estimate(
-        apply_fn, params, probe, loss=spec, key=jax.random.fold_in(state.key, state.count),
-        output_norm=norm, num_probes=num_probes, estimator=estimator, trace_floor=trace_floor,
+  def measure(state: ScaleByKControlState, params: Any, batch: Any, cold: bool):
+    # The first valid estimate sets S̄ alone, so it gets the whole batch, FIRST_PROBES times the
+    # probes and FIRST_POWER_ITERS power steps (one probe's spread is ~40% of T at init).
+    if not cold:
+      batch = k_estimate.probe_rows(apply_fn, params, batch, probe_batch_size,
+                                    axis_name=axis_name)
+    return k_estimate.estimate(
+        apply_fn, params, batch, loss=spec, key=jax.random.fold_in(state.key, state.count),
+        output_norm=norm, num_probes=num_probes * (FIRST_PROBES if cold else 1),
+        estimator=estimator, trace_floor=trace_floor,
         eigenvector=state.gn_eigenvector if guard else None,
-        power_iters=sharpness_iters, first_power_iters=FIRST_POWER_ITERS, first=first,
+        power_iters=FIRST_POWER_ITERS if cold else sharpness_iters,
         axis_name=axis_name, probe_scope=probe_scope,
     )
+
+  def estimate(state: ScaleByKControlState, params: Any, batch: Any) -> ScaleByKControlState:
+    first = state.k_num_estimates == 0
+    est = jax.lax.cond(first, lambda: measure(state, params, batch, True),
+                       lambda: measure(state, params, batch, False))
     valid = jnp.isfinite(est.scale) & (est.scale > 0) & jnp.isfinite(est.trace)
     old = jnp.where(first, est.scale, state.k_scale)
     clipped = jnp.clip(est.scale, old / max_change, old * max_change)

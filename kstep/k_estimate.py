@@ -159,8 +159,6 @@ def estimate(
     trace_floor: Any = None,
     eigenvector: PyTree | None = None,
     power_iters: int = 1,
-    first_power_iters: int | None = None,
-    first: Any = False,
     axis_name: AxisName = None,
     probe_scope: str = "global",
 ) -> KEstimate:
@@ -168,8 +166,8 @@ def estimate(
 
   ``output_norm`` must be resolved (not ``"auto"``). Cost: one forward pass; ``num_probes`` VJPs
   (C per probe for ``"max_output"``); one more VJP with ``trace_floor``; ``power_iters`` JVP+VJP
-  pairs with ``eigenvector`` (``first_power_iters`` where ``first`` is true: a cold start).
-  ``estimator="exact"`` replaces the probes by B per-example Jacobians.
+  pairs with ``eigenvector``. ``estimator="exact"`` replaces the probes by B per-example
+  Jacobians.
   """
   lin = linearization.linearize(apply_fn, params, batch, axis_name=axis_name)
   c = lin.outputs.shape[1]
@@ -208,11 +206,7 @@ def estimate(
     scale = jnp.maximum(scale, trace_floor * ntk / (1 if output_norm == "total" else c))
   lam = jnp.full((), jnp.nan, jnp.float32)
   if eigenvector is not None:
-    power = lambda n: lambda v: gauss_newton_power(lin, loss, batch, v, n, axis_name=axis_name)
-    if first_power_iters is None:
-      lam, eigenvector = power(power_iters)(eigenvector)
-    else:
-      lam, eigenvector = jax.lax.cond(
-          first, power(first_power_iters), power(power_iters), eigenvector
-      )
+    lam, eigenvector = gauss_newton_power(
+        lin, loss, batch, eigenvector, power_iters, axis_name=axis_name
+    )
   return KEstimate(trace.astype(jnp.float32), scale.astype(jnp.float32), lam, eigenvector)
