@@ -5,8 +5,11 @@ replicated, and one ``jax.jit``-ed step computes the gradient and runs ``k_contr
 compiler inserts the all-reduces, kstep needs no option for it (``batch_size`` is the global batch
 size). The K estimate on the sharded batch is the single-device estimate on the same batch: the
 script trains the same model from the same init on the same batches on one device as well, and
-prints the largest relative difference of the final params and both steps/s (one run, side by
-side).
+prints the largest relative difference of the final params and both steps/s (timed after a
+warm-up, one run each). The steps/s comparison means something only with several devices: on one
+device both runs are the same computation and any difference is noise (compilation, caches,
+other load), so the script then prints one rate and says so. Simulated CPU devices share the same
+cores, so their steps/s say nothing about real accelerators either.
 
 MNIST from ``--data-dir`` (a folder with ``mnist.npz``), else generated data of the same shape
 (784 Gaussian inputs, labels from a random two-layer teacher). MLP 784-256-256-10 (ReLU), MSE
@@ -43,6 +46,8 @@ from jax.sharding import PartitionSpec as P
 
 import kstep
 
+WARMUP_STEPS = 20  # steps run before the steps/s clock starts
+
 
 class MLP(nn.Module):
   @nn.compact
@@ -69,7 +74,7 @@ def load_data(data_dir: str | None, n: int) -> tuple[np.ndarray, np.ndarray]:
 def train(args, x, y, data: jax.sharding.Sharding, replicated: jax.sharding.Sharding,
           rows: slice = slice(None)):
   """Trains with batches placed by ``data`` and params by ``replicated``; this process holds
-  ``rows`` of every batch. Returns (params, losses, steps per second after compilation, kstep
+  ``rows`` of every batch. Returns (params, losses, steps per second after the warm-up, kstep
   stats, number of compilations)."""
   model = MLP()
   apply_fn = lambda p, batch: model.apply(p, batch["x"])
@@ -97,11 +102,16 @@ def train(args, x, y, data: jax.sharding.Sharding, replicated: jax.sharding.Shar
   rng = np.random.default_rng(1)
   order = [rng.choice(len(x), args.batch_size, replace=False) for _ in range(args.steps)]
   first = put({"x": x[order[0]], "y": y[order[0]]})
-  # Place the state where the step leaves it (momentum like params, scalars replicated), so every
-  # step takes and returns the same shardings and compiles once.
-  state = opt.init(params)
-  state = jax.device_put(state, step.lower(params, state, first).compile().output_shardings[1])
+  # Make the state where the step leaves it (momentum like params, scalars replicated), so every
+  # step takes and returns the same shardings and compiles once. Initialising under jit with those
+  # out_shardings (rather than device_put of a host state) also works across processes, where
+  # device_put checks that every process passes equal values, which NaN stats never are.
+  shardings = step.lower(params, jax.eval_shape(opt.init, params), first).compile()
+  state = jax.jit(opt.init, out_shardings=shardings.output_shardings[1])(params)
 
+  # The clock starts after a warm-up of WARMUP_STEPS steps (the first compiles, and the first
+  # estimate steps and caches are slower than the rest).
+  warmup = min(WARMUP_STEPS, args.steps - 1)
   losses, start = [], None
   for t, idx in enumerate(order):
     params, state, loss = step(params, state, put({"x": x[idx], "y": y[idx]}))
@@ -110,12 +120,35 @@ def train(args, x, y, data: jax.sharding.Sharding, replicated: jax.sharding.Shar
       # Wait for the device now and then, as logging would: XLA's CPU backend can deadlock in its
       # all-reduce rendezvous when hundreds of multi-device steps are queued at once.
       jax.block_until_ready(loss)
-    if t == 0:
+    if t == warmup:
+      jax.block_until_ready(loss)
       start = time.perf_counter()
   jax.block_until_ready(params)
-  rate = (args.steps - 1) / (time.perf_counter() - start) if args.steps > 1 else float("nan")
+  timed = args.steps - 1 - warmup
+  rate = timed / (time.perf_counter() - start) if timed > 0 else float("nan")
   losses = [float(v) for v in jax.device_get(losses)]
   return params, losses, rate, jax.device_get(kstep.stats(state)), step._cache_size()
+
+
+def speed_report(num_devices: int, platform: str, rate_dp: float, rate_one: float,
+                 warmup: int) -> tuple[dict, list[str]]:
+  """The steps/s to record and the lines to print. With one device the two runs are the same
+  computation, so there is no ratio, only one rate and the reason."""
+  if num_devices == 1:
+    return {"steps_per_s": rate_dp}, [
+        f"steps/s: {rate_dp:.1f} (timed after {warmup} warm-up steps)",
+        "only one device: the data-parallel and one-device runs are the same computation, so "
+        "there is no speed-up to measure (their rates would differ only by compilation, warm-up "
+        "and noise). Compare on several devices; on CPU "
+        "XLA_FLAGS=--xla_force_host_platform_device_count=8 simulates 8, which share the same "
+        "cores, so their rates say nothing about real accelerators.",
+    ]
+  lines = [f"steps/s after {warmup} warm-up steps: data parallel {rate_dp:.1f} on {num_devices} "
+           f"devices, one device {rate_one:.1f} (ratio {rate_dp / rate_one:.2f})"]
+  if platform == "cpu":
+    lines.append("(simulated CPU devices share the same cores: these rates say nothing about "
+                 "real accelerators)")
+  return {"steps_per_s": rate_dp, "steps_per_s_one_device": rate_one}, lines
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -157,7 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
       "num_devices": len(devices), "num_processes": jax.process_count(),
       "global_batch_size": args.batch_size,
       "final_loss": loss_dp[-1], "final_loss_one_device": loss_one[-1],
-      "final_k": float(stats_dp["k"]), "final_learning_rate": float(stats_dp["learning_rate"]),
+      "final_k": float(stats_dp["k"]), "final_learning_rate": float(stats_dp["k_learning_rate"]),
       "max_param_rel_diff": diff,
       "compilations": (comp_dp, comp_one),
   }
@@ -167,9 +200,10 @@ def main(argv: list[str] | None = None) -> dict:
         f"K {result['final_k']:.3f}, lr {result['final_learning_rate']:.4g}")
   print(f"largest relative difference of the final params: {diff:.2e}")
   if not args.no_timing:
-    result.update(steps_per_s=rate_dp, steps_per_s_one_device=rate_one)
-    print(f"steps/s: data parallel {rate_dp:.1f}, one device {rate_one:.1f} "
-          f"(ratio {rate_dp / rate_one:.2f})")
+    warmup = min(WARMUP_STEPS, args.steps - 1)
+    rates, lines = speed_report(len(devices), devices[0].platform, rate_dp, rate_one, warmup)
+    result.update(rates)
+    print("\n".join(lines))
   if args.result_json is not None:
     with open(args.result_json, "w") as f:
       json.dump(result, f)

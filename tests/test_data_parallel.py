@@ -13,22 +13,48 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
 CASES = pathlib.Path(__file__).with_name("multidevice_cases.py")
 EXAMPLE = CASES.parents[1] / "examples" / "data_parallel.py"
 
 
-def test_multidevice_cases_pass_on_8_simulated_devices():
+# The default run's 8-device smoke subset (well under 30 s on 2 CPU cores): a trace on a sharded
+# batch under jit (FSDP params, Hutchinson probes), the trace inside shard_map, and a few
+# controller steps on a sharded batch against one device. The whole file (about 4 minutes on 2
+# cores) runs under `-m slow`.
+SMOKE_CASES = (
+    "test_trace_jit_sharded_equals_single_device[softmax_cross_entropy-hutchinson-fsdp]",
+    "test_trace_shard_map_equals_single_device[softmax_cross_entropy-hutchinson-True]",
+    "test_controller_steps_sharded_equal_single_device",
+)
+
+
+def _run_cases(*selection: str, expected: int | None = None) -> None:
+  """Runs tests/multidevice_cases.py (or the named cases of it) on 8 simulated devices."""
   env = dict(os.environ)
   env["XLA_FLAGS"] = (
       env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
   ).strip()
+  targets = [f"{CASES}::{case}" for case in selection] or [str(CASES)]
   proc = subprocess.run(
-      [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(CASES)],
+      [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "", *targets],
       cwd=CASES.parents[1], env=env, capture_output=True, text=True, timeout=1500,
   )
   summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
   assert proc.returncode == 0, proc.stdout[-20000:] + proc.stderr[-5000:]
   assert " passed" in summary and "skipped" not in summary, summary
+  if expected is not None:
+    assert summary.startswith(f"{expected} passed"), summary
+
+
+def test_multidevice_smoke_on_8_simulated_devices():
+  _run_cases(*SMOKE_CASES, expected=len(SMOKE_CASES))
+
+
+@pytest.mark.slow
+def test_multidevice_cases_pass_on_8_simulated_devices():
+  _run_cases()
 
 
 def _free_port() -> int:
@@ -66,3 +92,20 @@ def test_example_on_two_processes_matches_one_device(tmp_path):
     assert abs(r["final_loss"] - r["final_loss_one_device"]) <= 1e-5 * r["final_loss_one_device"]
     assert r["final_k"] > 0
   assert results[0]["final_loss"] == results[1]["final_loss"]
+
+
+
+def test_example_speed_report_needs_several_devices():
+  """On one device both runs of examples/data_parallel.py are the same computation: one rate,
+  timed after the warm-up, and the reason there is no ratio (it printed "ratio 2.49" before)."""
+  from conftest import load_example
+
+  report = load_example("data_parallel").speed_report
+  rates, lines = report(1, "cpu", 325.6, 131.0, 20)
+  text = "\n".join(lines)
+  assert rates == {"steps_per_s": 325.6}
+  assert "ratio" not in text and "only one device" in text and "20 warm-up" in text
+  rates, lines = report(8, "gpu", 300.0, 100.0, 20)
+  assert rates == {"steps_per_s": 300.0, "steps_per_s_one_device": 100.0}
+  assert "ratio 3.00" in lines[0] and len(lines) == 1
+  assert "simulated" in report(8, "cpu", 300.0, 100.0, 20)[1][1]
