@@ -24,6 +24,7 @@ from kstep.estimators import (
     ntk_trace,
     output_kernel,
 )
+from kstep.hyperparams import inject_hyperparams
 from kstep.noise_kernel import (
     k_exact,
     k_from_trace,
