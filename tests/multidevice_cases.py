@@ -330,14 +330,17 @@ def test_jit_training_sharded_batch_gives_single_device_params(params, single_de
 
 def test_controller_steps_sharded_equal_single_device(params):
   """The smoke case of the default run: 4 controller steps (estimates at steps 0 and 2) on a
-  sharded batch with FSDP params give the one-device params and stats, compiled once."""
-  opt = kstep.k_controlled_sgd(0.5, batch_size=B, apply_fn=apply_mlp, every=2)
+  sharded batch with FSDP params give the one-device params and stats (K, the trace, the
+  guard's λ_max and sharpness ratio), compiled once. The probe sub-batch (every 4th example:
+  one row per device) is the one-device sub-batch."""
+  opt = kstep.k_controlled_sgd(0.5, batch_size=B, apply_fn=apply_mlp, every=2, probe_batch_size=8)
   ref = run(jit_step(opt), params, opt.init(params), batches(4))
   step, p0 = jit_step(opt), fsdp(params)
   state = place_state(step, p0, opt.init(p0), jax.device_put(make_batch(), DATA))
   got = run(step, p0, state, batches(4), with_guard_put)
   compare_runs(ref, got)
-  assert float(kstep.stats(got[1])["k"]) > 0
+  stats = kstep.stats(got[1])
+  assert float(stats["k"]) > 0 and float(stats["gn_lambda_max"]) > 0
   assert step._cache_size() == 1
 
 
