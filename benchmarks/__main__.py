@@ -21,18 +21,35 @@ def _strs(s: str) -> list[str]:
   return [x for x in s.split(",") if x]
 
 
-def _common(p: argparse.ArgumentParser, task: bool = True) -> None:
+def _common(p: argparse.ArgumentParser, task: bool = True, batch_list: bool = True) -> None:
   if task:
     p.add_argument("task", choices=tasks.TASKS)
     p.add_argument("--scale", choices=("cpu", "gpu"), default="cpu",
                    help="cpu: the CPU configs (cifar: reduced ResNet); gpu: full ResNet-18")
     p.add_argument("--losses", type=_strs, default=None, help="comma list of mse,ce")
     p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=None)
+    if batch_list:
+      p.add_argument("--batch-size", type=_ints, default=None,
+                     help="comma list of batch sizes, e.g. 64,1024 (default: the task's); part "
+                          "of every run's key")
+    else:
+      p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--data-dir", default=results_io.default_data_dir(),
                    help="folder with mnist.npz / cifar10_subset.npz (default $KSTEP_DATA)")
   p.add_argument("--results-dir", type=pathlib.Path, default=results_io.RESULTS_DIR)
   p.add_argument("--force", action="store_true", help="rerun runs whose JSON exists")
+
+
+def _optimizers(s: str) -> list[str]:
+  names = list(optimizers.ALL) if s == "all" else _strs(s)
+  unknown = [n for n in names if n not in optimizers.ALL]
+  if unknown:
+    raise argparse.ArgumentTypeError(f"unknown optimizers {unknown}; one of {optimizers.ALL}")
+  return names
+
+
+QUICK_OPTIMIZERS = ["cosine", "kstep_anneal", "kstep", "prodigy", "polyak_sgd"]
+QUICK_LRS = [1e-3, 0.1, 3.0]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,19 +58,24 @@ def _parser() -> argparse.ArgumentParser:
 
   p = sub.add_parser("run", help="base-LR sweep of every optimizer, then report")
   _common(p)
-  p.add_argument("--optimizers", type=_strs, default=list(optimizers.ALL),
-                 help=f"comma list of {','.join(optimizers.ALL)}")
-  p.add_argument("--lrs", type=_floats, default=None, help="comma list of base LRs")
+  p.add_argument("--optimizers", type=_optimizers, default=list(optimizers.PARITY),
+                 help=f"comma list of {','.join(optimizers.ALL)}, or all (default: the parity "
+                      f"rows {','.join(optimizers.PARITY)})")
+  p.add_argument("--lrs", type=_floats, default=None,
+                 help="comma list of base LRs (default 1e-4,3e-4,...,1,3)")
   p.add_argument("--seeds", type=_ints, default=None)
   p.add_argument("--band", type=_floats, default=None,
-                 help="lo,hi band of the kstep optimizers (default 0.4,0.8); a non-default band "
-                      "is reported as e.g. kstep[2.5-4]")
+                 help="lo,hi band of the kstep optimizers (default: the controller's own); a "
+                      "given band is reported as e.g. kstep[2.5-4]")
   p.add_argument("--quick", action="store_true",
-                 help="small demo sweep: mse, 4 optimizers, 3 LRs, 1 seed")
+                 help=f"small demo sweep: mse, {','.join(QUICK_OPTIMIZERS)}, base LRs "
+                      f"{','.join(f'{x:g}' for x in QUICK_LRS)}, 1 seed")
   p.add_argument("--no-report", action="store_true")
 
   p = sub.add_parser("bands", help="band sweep (center x width grid) of k_controlled_sgd")
   _common(p)
+  p.add_argument("--optimizers", type=_strs, default=["kstep"],
+                 help="comma list of kstep,kstep_anneal (the annealed band)")
   p.add_argument("--centers", type=_floats, default=[0.2, 0.4, 0.8, 1.6, 3.2, 6.4])
   p.add_argument("--widths", type=_floats, default=[1.5, 2.0, 4.0], help="hi/lo ratios")
   p.add_argument("--lrs", type=_floats, default=None,
@@ -61,12 +83,21 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--seeds", type=_ints, default=None)
   p.add_argument("--no-report", action="store_true")
 
-  p = sub.add_parser("report", help="summaries and plots from the JSONs already on disk")
-  _common(p)
-  p.add_argument("--markdown", action="store_true", help="also print a markdown results table")
+  p = sub.add_parser("report", help="parity headline, tables, summaries and plots from the "
+                                    "JSONs already on disk (one or more tasks)")
+  p.add_argument("task", nargs="+", choices=tasks.TASKS)
+  p.add_argument("--scale", choices=("cpu", "gpu"), default="cpu")
+  p.add_argument("--losses", type=_strs, default=None, help="comma list of mse,ce")
+  p.add_argument("--steps", type=int, default=None, help="default: each task's")
+  p.add_argument("--batch-size", type=_ints, default=None,
+                 help="only these batch sizes (default: every one on disk)")
+  p.add_argument("--results-dir", type=pathlib.Path, default=results_io.RESULTS_DIR)
+  p.add_argument("--markdown", action="store_true",
+                 help="also print the README's markdown results table")
+  p.add_argument("--no-plots", action="store_true")
 
   p = sub.add_parser("overhead", help="steps/s of k_controlled_sgd vs optax.sgd, interleaved")
-  _common(p)
+  _common(p, batch_list=False)
   p.add_argument("--every", type=_ints, default=[1, 10, 100])
   p.add_argument("--rounds", type=int, default=7)
   p.add_argument("--chunk", type=int, default=200, help="steps per timed chunk")
@@ -99,34 +130,48 @@ def main(argv: list[str] | None = None) -> None:
     return
   from benchmarks import report, sweep
 
+  if args.cmd == "report":
+    summaries = []
+    for task in args.task:
+      d = tasks.defaults(task, args.scale)
+      summary = report.report(args.results_dir, task, args.scale, args.losses or list(d.losses),
+                              args.steps or d.steps, args.batch_size, plot=not args.no_plots)
+      report.print_summary(summary)
+      print()
+      summaries.append(summary)
+    if args.markdown:
+      print(report.markdown(summaries))
+    return
+
   d = tasks.defaults(args.task, args.scale)
   steps = args.steps or d.steps
   losses = args.losses or list(d.losses)
+  batch_sizes = args.batch_size or [d.batch_size]
   if args.cmd == "run":
     opts, lrs, seeds = args.optimizers, args.lrs or list(d.lrs), args.seeds or list(d.seeds)
     if args.quick:
       losses = args.losses or ["mse"]
-      opts = ["cosine", "kstep", "prodigy", "schedule_free"] if args.optimizers == list(
-          optimizers.ALL) else opts
-      lrs, seeds = args.lrs or [0.01, 0.1, 1.0], args.seeds or [0]
-    jobs = sweep.lr_jobs(losses, opts, lrs, seeds, tuple(args.band) if args.band else None)
+      opts = QUICK_OPTIMIZERS if args.optimizers == list(optimizers.PARITY) else opts
+      lrs, seeds = args.lrs or QUICK_LRS, args.seeds or [0]
+    jobs = sweep.lr_jobs(losses, opts, lrs, seeds, tuple(args.band) if args.band else None,
+                         batch_sizes)
     counts = sweep.run_jobs(args.task, args.scale, jobs, root=args.results_dir,
-                            data_dir=args.data_dir, steps=steps, batch_size=args.batch_size,
-                            force=args.force)
-    print(f"runs: {counts['ran']} ran, {counts['skipped']} skipped (already on disk)")
-  elif args.cmd == "bands":
+                            data_dir=args.data_dir, steps=steps, force=args.force)
+  else:  # bands
+    bad = [n for n in args.optimizers if n not in optimizers.KSTEP]
+    if bad:
+      raise SystemExit(f"bands: --optimizers must be kstep rows {optimizers.KSTEP}; got {bad}")
     bands = sweep.band_grid(args.centers, args.widths)
     jobs = sweep.band_jobs(losses, bands, args.lrs or list(d.band_lrs),
-                           args.seeds or list(d.band_seeds))
+                           args.seeds or list(d.band_seeds), args.optimizers, batch_sizes)
     counts = sweep.run_jobs(args.task, args.scale, jobs, root=args.results_dir,
-                            data_dir=args.data_dir, steps=steps, batch_size=args.batch_size,
-                            force=args.force, kind="band_sweep")
-    print(f"runs: {counts['ran']} ran, {counts['skipped']} skipped (already on disk)")
-  if args.cmd == "report" or not args.no_report:
-    summary = report.report(args.results_dir, args.task, args.scale, losses, steps)
+                            data_dir=args.data_dir, steps=steps, force=args.force,
+                            kind="band_sweep")
+  print(f"runs: {counts['ran']} ran, {counts['skipped']} skipped (already on disk)")
+  if not args.no_report:
+    print()
+    summary = report.report(args.results_dir, args.task, args.scale, losses, steps, batch_sizes)
     report.print_summary(summary)
-    if getattr(args, "markdown", False):
-      print(report.markdown(summary))
 
 
 if __name__ == "__main__":

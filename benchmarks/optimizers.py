@@ -2,12 +2,20 @@
 
 All use heavy-ball momentum 0.9 where they have momentum. ``lr`` and ``band`` may be tracers: a
 sweep over base LRs, seeds or bands compiles once per optimizer.
+
+The kstep rows run ``k_controlled_sgd`` at its defaults (``target=None``: the loss's default band
+and output norm) unless a band is given. Stats are read through :func:`kstep_stat`, which prefers
+the controller's current names (``k_learning_rate``, ``k_trace``) and falls back to the older ones
+(``learning_rate``, ``trace``), so the benchmarks run on either side of that rename.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Any, Callable
 
+import jax
 import jax.numpy as jnp
 import optax
 import optax.contrib
@@ -15,21 +23,74 @@ import optax.contrib
 import kstep
 
 MOMENTUM = 0.9
-DEFAULT_BAND = (0.4, 0.8)
-SWEPT = ("sgd", "cosine", "warmup_cosine", "kstep", "kstep_cosine", "schedule_free")
-LR_FREE = ("prodigy", "dog")
+SWEPT = ("sgd", "cosine", "warmup_cosine", "kstep_anneal", "kstep", "kstep_cosine",
+         "schedule_free")
+LR_FREE = ("prodigy", "dog", "polyak_sgd")
 ALL = SWEPT + LR_FREE
-KSTEP = ("kstep", "kstep_cosine")
+# The rows of the parity table (issue 11), and what ``run`` trains by default.
+PARITY = ("cosine", "warmup_cosine", "kstep_anneal", "kstep", "schedule_free", "prodigy", "dog",
+          "polyak_sgd")
+KSTEP = ("kstep_anneal", "kstep", "kstep_cosine")
 LABELS = {
     "sgd": "SGD+mom, constant LR",
     "cosine": "SGD+mom, cosine",
     "warmup_cosine": "SGD+mom, warmup-cosine",
-    "kstep": "k_controlled_sgd, constant base LR",
-    "kstep_cosine": "k_controlled_sgd, cosine base LR",
+    "kstep_anneal": "k_controlled_sgd, defaults, annealed band (decay_steps=steps)",
+    "kstep": "k_controlled_sgd, defaults, constant band",
+    "kstep_cosine": "k_controlled_sgd, cosine base LR, constant band",
     "schedule_free": "schedule_free_sgd (LR swept)",
     "prodigy": "prodigy (LR-free, lr=1)",
     "dog": "DoG (LR-free, lr=1)",
+    "polyak_sgd": "polyak_sgd (LR-free, f*=0, max LR 1)",
 }
+# Short names for tables.
+SHORT = {"kstep_anneal": "kstep (annealed)", "kstep": "kstep (constant band)",
+         "schedule_free": "schedule-free", "warmup_cosine": "warmup-cosine",
+         "polyak_sgd": "polyak_sgd", "prodigy": "prodigy", "dog": "DoG"}
+# Trajectory keys recorded for the kstep rows when the controller reports them; the first name
+# found wins (new name first, the pre-rename name second).
+KSTEP_TRACE = {
+    "k": ("k",),
+    "lr": ("k_learning_rate", "learning_rate"),
+    "trace": ("k_trace", "trace"),
+    "k_scale": ("k_scale",),
+    "k_num_outputs": ("k_num_outputs",),
+    "sharpness_ratio": ("sharpness_ratio",),
+    "gn_lambda_max": ("gn_lambda_max",),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def controller_accepts(name: str) -> bool:
+  """Whether ``kstep.k_controlled_sgd`` takes the keyword ``name`` (feature detection)."""
+  return name in inspect.signature(kstep.k_controlled_sgd).parameters
+
+
+def kstep_stat(stats: dict[str, Any], *names: str) -> Any:
+  """The first of ``names`` present in ``stats`` (e.g. ``"k_learning_rate", "learning_rate"``)."""
+  for name in names:
+    if name in stats:
+      return stats[name]
+  raise KeyError(f"none of {names} in kstep.stats(state) (keys: {sorted(stats)})")
+
+
+def kstep_config(name: str, loss: str, band: Any, steps: int) -> dict[str, Any]:
+  """What the kstep row ran with, recorded in the run JSON (``config.kstep``)."""
+  norm = "total"  # before output_norm existed, K was on the total trace
+  if controller_accepts("output_norm"):
+    from kstep import k_estimate
+
+    norm = k_estimate.resolve_output_norm("auto", loss)
+  target = None if band is None else [float(b) for b in band]
+  if target is None:
+    from kstep import control
+
+    defaults = getattr(control, "DEFAULT_TARGETS", None)
+    target = list(defaults[norm]) if defaults else list(
+        inspect.signature(kstep.k_controlled_sgd).parameters["target"].default)
+  return {"output_norm": norm, "target": target, "target_is_default": band is None,
+          "decay_steps": steps if name == "kstep_anneal" else None,
+          "base_lr_schedule": "cosine" if name == "kstep_cosine" else "constant"}
 
 
 def schedule(name: str, lr: Any, steps: int) -> Callable[[Any], Any]:
@@ -47,25 +108,45 @@ def schedule(name: str, lr: Any, steps: int) -> Callable[[Any], Any]:
 
 
 def make(name: str, lr: Any, *, steps: int, apply_fn: Callable, loss: str, batch_size: int,
-         band: Any = DEFAULT_BAND, seed: Any = 0) -> optax.GradientTransformationExtraArgs:
-  """Optimizer ``name`` at base LR ``lr`` (ignored by the LR-free ones)."""
+         band: Any = None, seed: Any = 0) -> optax.GradientTransformationExtraArgs:
+  """Optimizer ``name`` at base LR ``lr`` (ignored by the LR-free ones).
+
+  ``band`` (kstep rows only): ``None`` runs the controller's default band, ``(lo, hi)`` that band.
+  """
   if name in ("sgd", "cosine", "warmup_cosine"):
     opt = optax.sgd(schedule(name, lr, steps), momentum=MOMENTUM)
   elif name in KSTEP:
-    base = lr if name == "kstep" else schedule(name, lr, steps)
-    opt = kstep.k_controlled_sgd(
-        base, batch_size=batch_size, apply_fn=apply_fn, loss=loss, target=tuple(band),
-        momentum=MOMENTUM, seed=seed,
-    )
+    base = schedule(name, lr, steps) if name == "kstep_cosine" else lr
+    kwargs = dict(batch_size=batch_size, apply_fn=apply_fn, loss=loss, momentum=MOMENTUM,
+                  seed=seed)
+    if band is not None:
+      kwargs["target"] = tuple(band)
+    if name == "kstep_anneal":
+      if not controller_accepts("decay_steps"):
+        raise ValueError("kstep_anneal needs k_controlled_sgd(..., decay_steps=...), which this "
+                         "kstep does not have yet")
+      kwargs["decay_steps"] = steps
+    opt = kstep.k_controlled_sgd(base, **kwargs)
   elif name == "schedule_free":
     opt = optax.contrib.schedule_free_sgd(lr, warmup_steps=max(steps // 20, 1), b1=MOMENTUM)
   elif name == "prodigy":
     opt = optax.contrib.prodigy()
   elif name == "dog":
     opt = optax.contrib.dog()
+  elif name == "polyak_sgd":
+    opt = optax.polyak_sgd()  # step min((f - 0) / |g|², 1); needs update(..., value=loss)
   else:
     raise ValueError(f"unknown optimizer {name!r}; one of {ALL}")
   return optax.with_extra_args_support(opt)
+
+
+def extra_args(name: str, batch: Any, loss: Any) -> dict[str, Any]:
+  """The keyword arguments ``update`` of optimizer ``name`` needs beyond grads/state/params."""
+  if name in KSTEP:
+    return {"batch": batch}
+  if name == "polyak_sgd":
+    return {"value": loss}
+  return {}
 
 
 def eval_params(name: str, state: Any, params: Any) -> Any:
@@ -75,17 +156,27 @@ def eval_params(name: str, state: Any, params: Any) -> Any:
   return params
 
 
-def record(name: str, state: Any, lr: Any, steps: int, count: Any) -> dict[str, Any]:
-  """K and the step actually taken at update ``count`` (NaN where the optimizer has none)."""
+def record(name: str, state: Any, lr: Any, steps: int, count: Any, loss: Any = None,
+           grads: Any = None) -> dict[str, Any]:
+  """K, the step actually taken and the trace at update ``count`` (NaN where the optimizer has
+  none); for the kstep rows also ``k_num_outputs``, ``sharpness_ratio``, ``gn_lambda_max`` and
+  ``k_scale`` when the controller reports them."""
   nan = jnp.asarray(jnp.nan, jnp.float32)
   if name in KSTEP:
     s = kstep.stats(state)
-    return {"k": s["k"], "lr": s["learning_rate"], "trace": s["trace"]}
+    out = {}
+    for key, names in KSTEP_TRACE.items():
+      if any(n in s for n in names):
+        out[key] = jnp.asarray(kstep_stat(s, *names), jnp.float32)
+    return out
   if name == "prodigy":
     step = optax.tree.get(state, "estim_lr")
   elif name == "dog":
     step = optax.tree.get(state, "max_dist") / jnp.sqrt(
         optax.tree.get(state, "sum_sq_norm_grads") + 1e-8)
+  elif name == "polyak_sgd":  # optax.polyak_sgd() keeps no state: recompute its step
+    sq = sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads))
+    step = jnp.where(sq <= jnp.finfo(jnp.float32).eps, 0.0, jnp.minimum(loss / sq, 1.0))
   else:
     step = schedule(name, lr, steps)(count)
   return {"k": nan, "lr": jnp.asarray(step, jnp.float32), "trace": nan}

@@ -15,8 +15,9 @@ import numpy as np  # noqa: E402
 from benchmarks import analysis, optimizers  # noqa: E402
 
 COLORS = {"sgd": "tab:gray", "cosine": "tab:blue", "warmup_cosine": "tab:cyan",
-          "kstep": "tab:red", "kstep_cosine": "tab:orange", "schedule_free": "tab:green",
-          "prodigy": "tab:purple", "dog": "tab:brown"}
+          "kstep_anneal": "tab:red", "kstep": "tab:orange", "kstep_cosine": "gold",
+          "schedule_free": "tab:green", "prodigy": "tab:purple", "dog": "tab:brown",
+          "polyak_sgd": "tab:olive"}
 
 
 def _save(fig, path: pathlib.Path) -> pathlib.Path:
@@ -32,8 +33,8 @@ def lr_sweep(table: dict[str, dict[str, Any]], title: str, path: pathlib.Path) -
   fig, (ax_l, ax_a) = plt.subplots(1, 2, figsize=(11, 4.2))
   blown = []  # (LRs, color) of diverged runs, drawn at the top of the loss axis
   for name, entry in table.items():
-    color = COLORS.get(name, "tab:pink" if name.startswith("kstep[") else None)
-    label = optimizers.LABELS.get(name, name.replace("kstep[", "k_controlled_sgd, band ["))
+    color = COLORS.get(name, "tab:pink" if name.startswith("kstep") else None)
+    label = optimizers.LABELS.get(name, name.replace("[", ", band ["))
     if "free" in entry:
       acc = entry["free"]["test_acc"]
       ax_a.axhline(acc["mean"], color=color, ls="--", label=label)
@@ -68,12 +69,27 @@ def lr_sweep(table: dict[str, dict[str, Any]], title: str, path: pathlib.Path) -
   return _save(fig, path)
 
 
+def _band_curve(run: dict[str, Any], steps: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+  """The band (lo, hi) a kstep run aimed at, at each step (cosine-decayed when annealed)."""
+  cfg = run["config"].get("kstep")
+  target = cfg["target"] if cfg else run.get("band")
+  if target is None:
+    return None
+  decay = np.ones_like(steps, dtype=float)
+  if cfg and cfg.get("decay_steps"):
+    frac = np.minimum(steps / cfg["decay_steps"], 1.0)
+    decay = 0.5 * (1.0 + np.cos(np.pi * frac))
+  return target[0] * decay, target[1] * decay
+
+
 def trajectories(runs: list[dict[str, Any]], lr: float, title: str,
                  path: pathlib.Path) -> pathlib.Path:
-  """K and LR of k_controlled_sgd at every base LR (seed 0), and loss curves of all optimizers
-  at base LR ``lr``."""
+  """K and the step taken of the parity kstep row (annealed if it ran) at every base LR (seed
+  0), and loss curves of all optimizers at base LR ``lr``."""
   fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-  ks = sorted([r for r in runs if analysis.opt_key(r) == "kstep" and r["seed"] == 0
+  present = {analysis.opt_key(r) for r in runs if r["kind"] == "lr_sweep"}
+  row = next((n for n in analysis.PARITY_KSTEP if n in present), "kstep")
+  ks = sorted([r for r in runs if analysis.opt_key(r) == row and r["seed"] == 0
                and r["kind"] == "lr_sweep"], key=lambda r: r["lr"])
   cmap = plt.get_cmap("viridis")
   for i, r in enumerate(ks):
@@ -81,12 +97,14 @@ def trajectories(runs: list[dict[str, Any]], lr: float, title: str,
     c = cmap(i / max(len(ks) - 1, 1))
     axes[0].plot(t["step"], t["k"], color=c, label=f"base LR {r['lr']:g}")
     axes[1].plot(t["step"], t["lr"], color=c)
-  band = optimizers.DEFAULT_BAND
-  axes[0].axhspan(*band, color="tab:red", alpha=0.1)
-  axes[0].set(xlabel="step", ylabel="K", title=f"k_controlled_sgd K (band {band})")
+  band = _band_curve(ks[0], np.asarray(ks[0]["trajectory"]["step"], float)) if ks else None
+  norm = ks[0]["config"].get("kstep", {}).get("output_norm", "total") if ks else "total"
+  if band is not None:
+    axes[0].fill_between(ks[0]["trajectory"]["step"], *band, color="tab:red", alpha=0.1,
+                         label="band")
+  axes[0].set(xlabel="step", ylabel=f"K ({norm})", title=f"{row}: K")
   axes[0].legend(fontsize=7)
-  axes[1].set(xlabel="step", ylabel="step size taken", yscale="log",
-              title="k_controlled_sgd LR taken")
+  axes[1].set(xlabel="step", ylabel="step size taken", yscale="log", title=f"{row}: LR taken")
   for r in runs:
     if r["seed"] != 0 or r["kind"] != "lr_sweep" or analysis.opt_key(r) != r["optimizer"]:
       continue

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import pathlib
+import subprocess
 import sys
 from typing import Any
 
@@ -21,6 +22,18 @@ def default_data_dir() -> str | None:
   return os.environ.get("KSTEP_DATA")
 
 
+def _git() -> dict[str, Any]:
+  """The repository's commit and whether its tree had uncommitted changes (None outside git)."""
+  root = pathlib.Path(__file__).resolve().parents[1]
+  try:
+    run = lambda *a: subprocess.run(["git", "-C", str(root), *a], capture_output=True, text=True,
+                                    timeout=10, check=True).stdout.strip()
+    return {"commit": run("rev-parse", "HEAD"), "dirty": bool(run("status", "--porcelain",
+                                                                 "--", "kstep", "benchmarks"))}
+  except (OSError, subprocess.SubprocessError):
+    return {"commit": None, "dirty": None}
+
+
 def environment() -> dict[str, Any]:
   """Machine and software facts recorded in every JSON."""
   dev = jax.devices()[0]
@@ -31,6 +44,7 @@ def environment() -> dict[str, Any]:
       "cpu_count": os.cpu_count(),
       "jax": jax.__version__,
       "optax": optax.__version__,
+      "git": _git(),
       "command": "python -m benchmarks " + " ".join(sys.argv[1:]),
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
   }
@@ -40,16 +54,20 @@ def _fmt(x: float) -> str:
   return f"{x:.4g}"
 
 
-def band_tag(band: tuple[float, float] | None) -> str:
-  return "none" if band is None else f"{_fmt(band[0])}-{_fmt(band[1])}"
+def band_tag(band: tuple[float, float] | None, optimizer: str = "") -> str:
+  """``lo-hi``; no band is ``default`` for the kstep rows (the controller's own) else ``none``."""
+  if band is None:
+    return "default" if optimizer.startswith("kstep") else "none"
+  return f"{_fmt(band[0])}-{_fmt(band[1])}"
 
 
 def run_path(root: pathlib.Path, task: str, scale: str, loss: str, optimizer: str,
              lr: float | None, seed: int, band: tuple[float, float] | None,
-             steps: int) -> pathlib.Path:
-  """One JSON per run, keyed by task/scale/loss/optimizer/lr/seed/band/steps."""
+             steps: int, batch_size: int) -> pathlib.Path:
+  """One JSON per run, keyed by task/scale/loss/optimizer/lr/seed/band/batch size/steps."""
   lr_tag = "free" if lr is None else _fmt(lr)
-  name = f"lr={lr_tag}_seed={seed}_band={band_tag(band)}_steps={steps}.json"
+  name = (f"lr={lr_tag}_seed={seed}_band={band_tag(band, optimizer)}_B={batch_size}"
+          f"_steps={steps}.json")
   return root / task / "runs" / scale / loss / optimizer / name
 
 
@@ -94,11 +112,31 @@ def load_json(path: pathlib.Path) -> dict[str, Any]:
   return unclean(json.loads(path.read_text()))
 
 
-def load_runs(root: pathlib.Path, task: str, scale: str, loss: str,
-              steps: int | None = None) -> list[dict[str, Any]]:
-  """Every run JSON of one task/scale/loss (optionally only those with ``steps`` steps)."""
+def _date(run: dict[str, Any]) -> str:
+  return str(run.get("env", {}).get("date", ""))
+
+
+def run_key(run: dict[str, Any]) -> tuple:
+  """What identifies a run: two JSONs with the same key are the same experiment."""
+  band = run.get("band")
+  return (run["optimizer"], run["lr"], run["seed"], None if band is None else tuple(band),
+          run["config"]["steps"], run["config"]["batch_size"])
+
+
+def load_runs(root: pathlib.Path, task: str, scale: str, loss: str, steps: int | None = None,
+              batch_size: int | None = None) -> list[dict[str, Any]]:
+  """Every run JSON of one task/scale/loss (optionally only those with ``steps`` steps and
+  batch size ``batch_size``). Files written before the batch size entered the file name can
+  duplicate a newer run: of the same experiment (:func:`run_key`) the newest is kept."""
   base = root / task / "runs" / scale / loss
   runs = [load_json(p) for p in sorted(base.glob("*/*.json"))]
   if steps is not None:
     runs = [r for r in runs if r["config"]["steps"] == steps]
-  return runs
+  if batch_size is not None:
+    runs = [r for r in runs if r["config"]["batch_size"] == batch_size]
+  newest: dict[tuple, dict[str, Any]] = {}
+  for r in runs:
+    key = run_key(r)
+    if key not in newest or _date(r) > _date(newest[key]):
+      newest[key] = r
+  return list(newest.values())

@@ -20,20 +20,23 @@ class Job:
   optimizer: str
   lr: float | None
   seed: int
-  band: Band | None
+  band: Band | None  # kstep rows: None = the controller's default band
+  batch_size: int | None = None  # None: the task's default
 
 
 def lr_jobs(losses: Iterable[str], opts: Iterable[str], lrs: Sequence[float],
-            seeds: Sequence[int], band: Band | None = None) -> list[Job]:
-  """The base-LR sweep: swept optimizers at every LR, LR-free ones once per seed."""
+            seeds: Sequence[int], band: Band | None = None,
+            batch_sizes: Sequence[int | None] = (None,)) -> list[Job]:
+  """The base-LR sweep: swept optimizers at every LR, LR-free ones once per seed, at every
+  batch size."""
   jobs = []
-  kband = tuple(band) if band else optimizers.DEFAULT_BAND
-  for loss, name, seed in itertools.product(losses, opts, seeds):
+  kband = tuple(band) if band else None
+  for b, loss, name, seed in itertools.product(batch_sizes, losses, opts, seeds):
     band = kband if name in optimizers.KSTEP else None
     if name in optimizers.LR_FREE:
-      jobs.append(Job(loss, name, None, seed, None))
+      jobs.append(Job(loss, name, None, seed, None, b))
     else:
-      jobs.extend(Job(loss, name, lr, seed, band) for lr in lrs)
+      jobs.extend(Job(loss, name, lr, seed, band, b) for lr in lrs)
   return jobs
 
 
@@ -43,45 +46,52 @@ def band_grid(centers: Sequence[float], widths: Sequence[float]) -> list[Band]:
 
 
 def band_jobs(losses: Iterable[str], bands: Sequence[Band], lrs: Sequence[float],
-              seeds: Sequence[int], optimizer: str = "kstep") -> list[Job]:
-  return [Job(loss, optimizer, lr, seed, band)
-          for loss, band, lr, seed in itertools.product(losses, bands, lrs, seeds)]
+              seeds: Sequence[int], opts: Sequence[str] = ("kstep",),
+              batch_sizes: Sequence[int | None] = (None,)) -> list[Job]:
+  return [Job(loss, name, lr, seed, band, b)
+          for b, loss, name, band, lr, seed in itertools.product(batch_sizes, losses, opts, bands,
+                                                                 lrs, seeds)]
 
 
 def run_jobs(task: str, scale: str, jobs: list[Job], *, root: pathlib.Path,
-             data_dir: str | None, steps: int | None = None, batch_size: int | None = None,
-             force: bool = False, kind: str = "lr_sweep") -> dict[str, int]:
+             data_dir: str | None, steps: int | None = None, force: bool = False,
+             kind: str = "lr_sweep") -> dict[str, int]:
   """Runs every job not already on disk; returns counts of ``ran`` and ``skipped``."""
-  problems: dict[str, tasks.Problem] = {}
-  runners: dict[tuple[str, str], train.Runner] = {}
+  problems: dict[tuple[str, int], tasks.Problem] = {}
+  runners: dict[tuple, train.Runner] = {}
   todo, skipped = [], 0
-  steps = steps or tasks.defaults(task, scale).steps
+  d = tasks.defaults(task, scale)
+  steps = steps or d.steps
   for job in jobs:
+    b = job.batch_size or d.batch_size
     path = results_io.run_path(root, task, scale, job.loss, job.optimizer, job.lr, job.seed,
-                               job.band, steps)
+                               job.band, steps, b)
     if path.exists() and not force:
       skipped += 1
     else:
-      todo.append((job, path))
+      todo.append((job, b, path))
   bar = tqdm(todo, desc=f"{task} {kind}", unit="run", disable=not todo)
-  for job, path in bar:
-    bar.set_postfix_str(f"{job.loss} {job.optimizer} lr={job.lr} seed={job.seed}")
-    if job.loss not in problems:
-      problems[job.loss] = tasks.load(task, job.loss, scale=scale, data_dir=data_dir,
-                                      steps=steps, batch_size=batch_size)
-    problem = problems[job.loss]
-    key = (job.loss, job.optimizer)
+  for job, b, path in bar:
+    bar.set_postfix_str(f"{job.loss} B={b} {job.optimizer} lr={job.lr} seed={job.seed}")
+    if (job.loss, b) not in problems:
+      problems[(job.loss, b)] = tasks.load(task, job.loss, scale=scale, data_dir=data_dir,
+                                           steps=steps, batch_size=b)
+    problem = problems[(job.loss, b)]
+    key = (job.loss, b, job.optimizer, job.band is not None)
     if key not in runners:
-      runners[key] = train.Runner(problem, job.optimizer)
+      runners[key] = train.Runner(problem, job.optimizer, banded=job.band is not None)
     result = runners[key].run(job.lr, job.seed, job.band,
                               progress=problem.steps * problem.batch_size >= 200_000)
+    config = {"steps": problem.steps, "batch_size": problem.batch_size,
+              "momentum": optimizers.MOMENTUM, "num_train": len(problem.x_train),
+              "num_test": len(problem.x_test), "notes": problem.notes}
+    if job.optimizer in optimizers.KSTEP:
+      config["kstep"] = optimizers.kstep_config(job.optimizer, tasks.KSTEP_LOSS[job.loss],
+                                                job.band, problem.steps)
     results_io.save_json(path, {
         "task": task, "scale": problem.scale, "scale_key": scale, "loss": job.loss,
         "optimizer": job.optimizer, "optimizer_label": optimizers.LABELS[job.optimizer],
-        "lr": job.lr, "seed": job.seed, "band": job.band, "kind": kind,
-        "config": {"steps": problem.steps, "batch_size": problem.batch_size,
-                   "momentum": optimizers.MOMENTUM, "num_train": len(problem.x_train),
-                   "num_test": len(problem.x_test), "notes": problem.notes},
+        "lr": job.lr, "seed": job.seed, "band": job.band, "kind": kind, "config": config,
         "env": results_io.environment(), **result,
     })
   return {"ran": len(todo), "skipped": skipped}

@@ -20,7 +20,7 @@ from benchmarks import models
 
 LOSSES = ("mse", "ce")
 KSTEP_LOSS = {"mse": "mse", "ce": "softmax_cross_entropy"}
-LR_GRID = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0)
+LR_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0)  # factor 3
 
 
 @dataclasses.dataclass

@@ -2,7 +2,8 @@
 
 Every optimizer sees the same init (``PRNGKey(seed)``), the same data order (epochs of a
 permutation drawn from ``seed``) and the same number of steps. Base LR, band and seed enter the
-jitted functions as arguments, so a sweep compiles once per (task, loss, optimizer).
+jitted functions as arguments, so a sweep compiles once per (task, loss, batch size, optimizer,
+whether a band is given).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+import kstep
 from benchmarks import optimizers
 from benchmarks.tasks import KSTEP_LOSS, Problem
 
@@ -26,6 +28,8 @@ EVAL_TRAIN = 5000  # training examples the final train loss is measured on
 
 def data_order(seed: int, num_train: int, steps: int, batch_size: int) -> np.ndarray:
   """``(steps, batch_size)`` indices: epochs of a permutation, the same for every optimizer."""
+  if batch_size > num_train:
+    raise ValueError(f"batch size {batch_size} exceeds the {num_train} training examples")
   rng = np.random.default_rng(10_000 + seed)
   per_epoch = num_train // batch_size
   epochs = -(-steps // per_epoch)
@@ -37,8 +41,9 @@ def data_order(seed: int, num_train: int, steps: int, batch_size: int) -> np.nda
 class Runner:
   """Jitted init / chunk / eval functions of one (problem, optimizer); reused across a sweep."""
 
-  def __init__(self, problem: Problem, name: str, steps: int | None = None):
-    self.p, self.name = problem, name
+  def __init__(self, problem: Problem, name: str, steps: int | None = None,
+               banded: bool = False):
+    self.p, self.name, self.banded = problem, name, banded
     self.steps = steps or problem.steps
     self.x_train, self.y_train = jnp.asarray(problem.x_train), jnp.asarray(problem.y_train)
     self.x_test, self.y_test = jnp.asarray(problem.x_test), jnp.asarray(problem.y_test)
@@ -50,7 +55,7 @@ class Runner:
     apply_fn = lambda params, batch: self.p.apply(params, batch["x"])
     return optimizers.make(self.name, lr, steps=self.steps, apply_fn=apply_fn,
                            loss=KSTEP_LOSS[self.p.loss], batch_size=self.p.batch_size,
-                           band=band, seed=seed)
+                           band=band if self.banded else None, seed=seed)
 
   def loss_fn(self, params, batch):
     return jnp.mean(self.p.per_example_loss(self.p.apply(params, batch["x"]), batch["y"]))
@@ -67,9 +72,10 @@ class Runner:
       t, i = inp
       batch = {"x": x_train[i], "y": y_train[i]}
       loss, grads = jax.value_and_grad(self.loss_fn)(params, batch)
-      updates, state = opt.update(grads, state, params, batch=batch)
+      updates, state = opt.update(grads, state, params,
+                                  **optimizers.extra_args(self.name, batch, loss))
       params = optax.apply_updates(params, updates)
-      rec = optimizers.record(self.name, state, lr, self.steps, t)
+      rec = optimizers.record(self.name, state, lr, self.steps, t, loss, grads)
       return (params, state), {"loss": loss, **rec}
 
     steps = start + jnp.arange(idx.shape[0])
@@ -96,12 +102,16 @@ class Runner:
     return {"train_loss": train_loss, "train_acc": train_acc, "test_loss": test_loss,
             "test_acc": test_acc}
 
-  def run(self, lr: float | None, seed: int, band=optimizers.DEFAULT_BAND,
-          progress: bool = False) -> dict[str, Any]:
-    """Trains one run; stops early (``diverged``) once the batch loss is not finite."""
+  def run(self, lr: float | None, seed: int, band=None, progress: bool = False) -> dict[str, Any]:
+    """Trains one run; stops early (``diverged``) once the batch loss is not finite.
+
+    ``band`` must be given exactly when the runner was built with ``banded=True``.
+    """
+    if (band is not None) != self.banded:
+      raise ValueError(f"band {band} given to a runner with banded={self.banded}")
     t0 = time.perf_counter()
     lr_val = jnp.float32(1.0 if lr is None else lr)
-    band_val = jnp.asarray(band if band is not None else optimizers.DEFAULT_BAND, jnp.float32)
+    band_val = jnp.asarray(band if band is not None else (jnp.nan, jnp.nan), jnp.float32)
     seed_val = jnp.int32(seed)
     params, state = self._init(seed_val, lr_val, band_val)
     order = data_order(seed, len(self.p.x_train), self.steps, self.p.batch_size)
@@ -124,11 +134,16 @@ class Runner:
                                       self.y_test))
     final = {k: float(v) for k, v in final.items()}
     diverged = diverged or not np.isfinite(final["train_loss"])
-    return {
+    out = {
         "summary": {**final, "diverged": diverged, "steps_done": done,
                     "wall_s": time.perf_counter() - t0},
         "trajectory": downsample(traj, every, self.steps),
     }
+    if self.name in optimizers.KSTEP:  # the controller's counters and last values at the end
+      stats = jax.device_get(kstep.stats(state))
+      out["kstep_final"] = {k: np.asarray(v).item() for k, v in stats.items()
+                            if np.ndim(v) == 0}
+    return out
 
 
 def downsample(traj: dict[str, np.ndarray], every: int, steps: int) -> dict[str, list]:

@@ -1,9 +1,12 @@
-"""Smoke test of the benchmarks CLI: a tiny digits sweep writes JSON + PNG and resumes."""
+"""Benchmarks CLI: a tiny digits sweep writes JSONs keyed by batch size, resumes, and its report's
+parity sentence states the gap computed from the JSONs."""
 
 import json
 import pathlib
+import re
 import sys
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # the repo root
@@ -12,28 +15,104 @@ pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
 from benchmarks import __main__ as cli  # noqa: E402
+from benchmarks import optimizers, report, results_io, sweep  # noqa: E402
 
-ARGS = ["run", "digits_mlp", "--optimizers", "cosine,kstep", "--lrs", "0.1", "--seeds", "0",
-        "--steps", "50", "--losses", "mse"]
+needs_decay_steps = pytest.mark.skipif(
+    not optimizers.controller_accepts("decay_steps"),
+    reason="k_controlled_sgd has no decay_steps yet (kstep_anneal needs it)")
+
+RUN = ["run", "digits_mlp", "--seeds", "0", "--steps", "30", "--losses", "mse"]
+PARITY_RE = re.compile(r"parity: kstep's worst base LR is (\d+\.\d) points? (above|below) the "
+                       r"best tuned cosine")
 
 
-def test_digits_sweep_writes_results_and_resumes(tmp_path, capsys):
-  cli.main(ARGS + ["--results-dir", str(tmp_path)])
+def _gap_from_jsons(root: pathlib.Path, batch_size: int) -> float:
+  """kstep_anneal's worst mean test accuracy over base LRs minus cosine's best, from the JSONs."""
+  acc: dict[tuple[str, float], list[float]] = {}
+  for path in (root / "digits_mlp" / "runs" / "cpu" / "mse").glob("*/*.json"):
+    run = json.loads(path.read_text())
+    if run["config"]["batch_size"] != batch_size:
+      continue
+    a = 0.0 if run["summary"]["diverged"] else run["summary"]["test_acc"]
+    acc.setdefault((run["optimizer"], run["lr"]), []).append(a)
+  mean = {k: np.mean(v) for k, v in acc.items()}
+  cosine = max(v for (name, _), v in mean.items() if name == "cosine")
+  kstep = min(v for (name, _), v in mean.items() if name == "kstep_anneal")
+  return kstep - cosine
+
+
+@needs_decay_steps
+def test_digits_sweep_reports_parity_by_batch_size(tmp_path, capsys):
+  args = RUN + ["--results-dir", str(tmp_path)]
+  cli.main(args + ["--optimizers", "cosine,kstep_anneal", "--lrs", "0.01,1"])
   out = capsys.readouterr().out
-  assert "2 ran, 0 skipped" in out
-  runs = sorted((tmp_path / "digits_mlp" / "runs" / "cpu" / "mse").glob("*/*.json"))
-  assert [p.parent.name for p in runs] == ["cosine", "kstep"]
-  run = json.loads(runs[1].read_text())
-  assert run["optimizer"] == "kstep" and run["lr"] == 0.1 and run["band"] == [0.4, 0.8]
-  assert run["config"]["steps"] == 50 and run["summary"]["steps_done"] == 50
-  assert {"platform", "device_kind", "jax", "optax", "command", "date"} <= set(run["env"])
-  assert 0.0 <= run["summary"]["test_acc"] <= 1.0
-  assert len(run["trajectory"]["k"]) == len(run["trajectory"]["step"]) > 0
-  assert (tmp_path / "digits_mlp" / "cpu_mse_lr_sweep.png").stat().st_size > 0
-  assert (tmp_path / "digits_mlp" / "summary_cpu_mse.json").exists()
+  assert "4 ran, 0 skipped" in out
 
-  cli.main(ARGS + ["--results-dir", str(tmp_path), "--no-report"])
-  assert "0 ran, 2 skipped" in capsys.readouterr().out
+  runs = sorted((tmp_path / "digits_mlp" / "runs" / "cpu" / "mse").glob("*/*.json"))
+  assert sorted({p.parent.name for p in runs}) == ["cosine", "kstep_anneal"]
+  assert all("_B=64_" in p.name for p in runs)
+  run = json.loads((tmp_path / "digits_mlp" / "runs" / "cpu" / "mse" / "kstep_anneal" /
+                    "lr=1_seed=0_band=default_B=64_steps=30.json").read_text())
+  assert run["lr"] == 1 and run["band"] is None and run["config"]["batch_size"] == 64
+  assert run["config"]["kstep"]["decay_steps"] == 30
+  assert run["config"]["kstep"]["output_norm"] in ("per_output", "max_output", "total")
+  assert run["summary"]["steps_done"] == 30 and 0.0 <= run["summary"]["test_acc"] <= 1.0
+  assert {"platform", "device_kind", "jax", "optax", "command", "date", "git"} <= set(run["env"])
+  traj = run["trajectory"]
+  assert len(traj["k"]) == len(traj["lr"]) == len(traj["trace"]) == len(traj["step"]) > 0
+  assert np.nanmax(traj["lr"]) > 0
+
+  # The headline parity sentence, parsed back, is the gap from the JSONs rounded to 0.1 point.
+  m = PARITY_RE.search(out)
+  assert m, out
+  stated = float(m.group(1)) * (1 if m.group(2) == "above" else -1)
+  assert stated == pytest.approx(round(100 * _gap_from_jsons(tmp_path, 64), 1), abs=1e-9)
+  assert out.index("parity:") < out.index("== digits_mlp")  # the headline comes first
+  assert (tmp_path / "digits_mlp" / "cpu_mse_B64_lr_sweep.png").stat().st_size > 0
+  assert (tmp_path / "digits_mlp" / "summary_cpu_mse_B64.json").exists()
+
+  cli.main(args + ["--optimizers", "cosine,kstep_anneal", "--lrs", "0.01,1", "--no-report"])
+  assert "0 ran, 4 skipped" in capsys.readouterr().out  # resumes
+
+  # Batch size is part of the key: a B=32 run lands beside B=64 and the report groups by B.
+  jobs = sweep.lr_jobs(["mse"], ["cosine"], [0.01], [0], batch_sizes=[32, 64])
+  assert [j.batch_size for j in jobs] == [32, 64]
+  b64 = results_io.run_path(tmp_path, "digits_mlp", "cpu", "mse", "cosine", 0.01, 0, None, 30, 64)
+  b32 = results_io.run_path(tmp_path, "digits_mlp", "cpu", "mse", "cosine", 0.01, 0, None, 30, 32)
+  assert b64.exists() and b32 != b64 and not b32.exists()
+  run = results_io.load_json(b64)
+  run["config"]["batch_size"] = 32  # a stand-in for a B=32 run (saves a compile)
+  results_io.save_json(b32, run)
+  cli.main(["report", "digits_mlp", "--losses", "mse", "--steps", "30", "--no-plots",
+            "--markdown", "--results-dir", str(tmp_path)])
+  out = capsys.readouterr().out
+  assert "mse B=32: parity not measured" in out and "mse B=64: parity: " in out
+  assert "| digits_mlp (CPU) | mse | 64 | 1 |" in out and "| digits_mlp (CPU) | mse | 32 |" in out
+  assert "python -m benchmarks" in out and "Machine: cpu" in out
+
+
+def test_polyak_sgd_gets_the_loss_and_records_its_step():
+  import jax.numpy as jnp
+
+  params = {"w": jnp.array([1.0, 2.0])}
+  loss, grads = 2.5, {"w": jnp.array([1.0, 2.0])}  # f = ½|w|², ∇f = w
+  opt = optimizers.make("polyak_sgd", None, steps=10, apply_fn=None, loss="mse", batch_size=1)
+  state = opt.init(params)
+  updates, state = opt.update(grads, state, params,
+                              **optimizers.extra_args("polyak_sgd", None, loss))
+  step = optimizers.record("polyak_sgd", state, None, 10, 0, loss, grads)["lr"]
+  assert float(step) == pytest.approx(0.5)  # min(f / |g|², 1) = 2.5 / 5
+  np.testing.assert_allclose(updates["w"], -0.5 * grads["w"])
+
+
+def test_parity_sentence_rounds_and_names_the_side():
+  from benchmarks import analysis
+
+  assert analysis.parity_sentence(0.00349).endswith("is 0.3 points above the best tuned cosine")
+  assert analysis.parity_sentence(-0.0123).endswith("is 1.2 points below the best tuned cosine")
+  assert "is 1.0 point below" in analysis.parity_sentence(-0.01)
+  assert report.fmt_lr(1e-4) == "1e-4" and report.fmt_lr(0.003) == "3e-3"
+  assert report.fmt_lr(0.03) == "0.03" and report.fmt_lr(3.0) == "3"
 
 
 def test_help_lists_commands(capsys):
