@@ -263,7 +263,9 @@ def scale_by_k_control(
       "sharpness_iters", sharpness_iters, "sets the number of power steps (unrolled)"
   )
   if probe_batch_size is not None:
-    arguments.check_positive_int("probe_batch_size", probe_batch_size)
+    probe_batch_size = arguments.check_static_int(
+        "probe_batch_size", probe_batch_size, "sets the sub-batch's stride (a shape)"
+    )
   decay_fn = _band_decay(decay_steps, band_decay)
   estimators.check_probe_scope(probe_scope, axis_name)
   if arguments.is_number(smoothing) and not 0.0 <= float(smoothing) < 1.0:
