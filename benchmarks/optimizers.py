@@ -23,19 +23,20 @@ import optax.contrib
 import kstep
 
 MOMENTUM = 0.9
-SWEPT = ("sgd", "cosine", "warmup_cosine", "kstep_anneal", "kstep", "kstep_cosine",
-         "schedule_free")
+SWEPT = ("sgd", "cosine", "warmup_cosine", "kstep_anneal", "kstep_warmup", "kstep",
+         "kstep_cosine", "schedule_free")
 LR_FREE = ("prodigy", "dog", "polyak_sgd")
 ALL = SWEPT + LR_FREE
 # The rows of the parity table (issue 11), and what ``run`` trains by default.
 PARITY = ("cosine", "warmup_cosine", "kstep_anneal", "kstep", "schedule_free", "prodigy", "dog",
           "polyak_sgd")
-KSTEP = ("kstep_anneal", "kstep", "kstep_cosine")
+KSTEP = ("kstep_anneal", "kstep_warmup", "kstep", "kstep_cosine")
 LABELS = {
     "sgd": "SGD+mom, constant LR",
     "cosine": "SGD+mom, cosine",
     "warmup_cosine": "SGD+mom, warmup-cosine",
     "kstep_anneal": "k_controlled_sgd, defaults, annealed band (decay_steps=steps)",
+    "kstep_warmup": "k_controlled_sgd, defaults, band warmed up over 5% then cosine (band_decay)",
     "kstep": "k_controlled_sgd, defaults, constant band",
     "kstep_cosine": "k_controlled_sgd, cosine base LR, constant band",
     "schedule_free": "schedule_free_sgd (LR swept)",
@@ -44,7 +45,7 @@ LABELS = {
     "polyak_sgd": "polyak_sgd (LR-free, f*=0, max LR 1)",
 }
 # Short names for tables.
-SHORT = {"kstep_anneal": "kstep (annealed)", "kstep": "kstep (constant band)",
+SHORT = {"kstep_anneal": "kstep (annealed)", "kstep_warmup": "kstep (warmup+annealed)", "kstep": "kstep (constant band)",
          "schedule_free": "schedule-free", "warmup_cosine": "warmup-cosine",
          "polyak_sgd": "polyak_sgd", "prodigy": "prodigy", "dog": "DoG"}
 # Trajectory keys recorded for the kstep rows when the controller reports them; the first name
@@ -126,6 +127,9 @@ def make(name: str, lr: Any, *, steps: int, apply_fn: Callable, loss: str, batch
         raise ValueError("kstep_anneal needs k_controlled_sgd(..., decay_steps=...), which this "
                          "kstep does not have yet")
       kwargs["decay_steps"] = steps
+    if name == "kstep_warmup":
+      kwargs["band_decay"] = optax.warmup_cosine_decay_schedule(0.0, 1.0, max(steps // 20, 1),
+                                                                steps)
     opt = kstep.k_controlled_sgd(base, **kwargs)
   elif name == "schedule_free":
     opt = optax.contrib.schedule_free_sgd(lr, warmup_steps=max(steps // 20, 1), b1=MOMENTUM)

@@ -131,7 +131,7 @@ def headline_lines(s: dict[str, Any]) -> list[str]:
   return lines
 
 
-ORDER = ("cosine", "warmup_cosine", "kstep_anneal", "kstep", "schedule_free", "sgd",
+ORDER = ("cosine", "warmup_cosine", "kstep_anneal", "kstep_warmup", "kstep", "schedule_free", "sgd",
          "kstep_cosine")
 FREE_ORDER = ("prodigy", "dog", "polyak_sgd")
 

@@ -10,7 +10,8 @@ controller estimates S on the current batch, smooths it across estimates, and ta
 
 where d(t) is the band's decay (1, or a cosine over ``decay_steps``: the annealed band), λ̄ the
 top eigenvalue of the Gauss–Newton matrix on the estimate's batch (power iteration warm-started
-from the previous estimate's vector) and E(μ) the curvature edge of the momentum method on a
+from the previous estimate's vector; held: ``λ̄ ← max(λ̂, 0.8·λ̄)``, so one low estimate cannot
+release the cap) and E(μ) the curvature edge of the momentum method on a
 quadratic: ``η λ < 2(1 + μ)`` for heavy ball (2 for plain SGD) and ``η λ < 2(1 + μ)/(1 + 2μ)``
 for Nesterov (optax's form; from the Jury conditions of ``z² − τz + μ(1 − ηλ)`` with
 ``τ = 1 + μ − ηλ(1 + μ)``). The noise edge (K) binds at small batch, the curvature edge at large
@@ -40,6 +41,7 @@ CROSS_ENTROPY_TRACE_FLOOR = 0.03
 DEFAULT_MAX_SHARPNESS_RATIO = 0.5
 FIRST_POWER_ITERS = 20
 FIRST_PROBES = 8
+SHARPNESS_HOLD = 0.8
 DEFAULT_PROBE_BATCH_SIZE = 32
 
 
@@ -340,7 +342,12 @@ def scale_by_k_control(
     vec_ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in leaves]))
     lam_ok = jnp.isfinite(est.lambda_max) & (est.lambda_max > 0) & vec_ok
     return state._replace(
-        gn_lambda_max=jnp.where(lam_ok, est.lambda_max, state.gn_lambda_max),
+        # Max-hold: a new estimate below the decayed previous one (a sub-batch whose top
+        # direction differs, a lagging warm start) lowers λ̄ by at most the factor SHARPNESS_HOLD.
+        gn_lambda_max=jnp.where(
+            lam_ok, jnp.fmax(est.lambda_max, SHARPNESS_HOLD * state.gn_lambda_max),
+            state.gn_lambda_max,
+        ),
         gn_eigenvector=jax.tree.map(
             lambda n, o: jnp.where(vec_ok, n, o).astype(o.dtype), est.eigenvector,
             state.gn_eigenvector,

@@ -302,3 +302,17 @@ def test_guard_skips_bad_lambda_and_reports_nan_before_any():
 def test_max_sharpness_ratio_range(value):
   with pytest.raises(ValueError, match=r"max_sharpness_ratio.*\(0.0, 1.0\]"):
     kstep.k_controlled_sgd(0.1, apply_fn=_linear, max_sharpness_ratio=value)
+
+
+def test_guard_holds_lambda_against_a_lower_estimate():
+  sharp, flat = _batch(6), _batch(7)
+  sharp["x"] = 3.0 * sharp["x"]  # λ ×9
+  opt = kstep.scale_by_k_control(100.0, apply_fn=_linear, estimator="exact", every=1,
+                                 max_sharpness_ratio=0.5, target=(0.4, 0.8))
+  hist = _run(opt, [sharp] + [flat] * 16)
+  top = lambda b: np.linalg.eigvalsh(np.asarray(b["x"], np.float64).T @ np.asarray(b["x"]) / B)[-1]
+  lam_sharp, lam_flat = top(sharp), top(flat)
+  np.testing.assert_allclose(hist[0]["gn_lambda_max"], lam_sharp, rtol=1e-3)
+  expected = [max(lam_flat, 0.8**t * lam_sharp) for t in range(1, 17)]
+  np.testing.assert_allclose([h["gn_lambda_max"] for h in hist[1:]], expected, rtol=2e-3)
+  assert hist[-1]["gn_lambda_max"] == pytest.approx(lam_flat, rel=2e-3)  # released in the end
