@@ -5,8 +5,6 @@ Every check raises ``ValueError`` naming the argument and its allowed range. Num
 ``init`` saw the concrete value and checked it.
 """
 
-from __future__ import annotations
-
 import numbers
 from typing import Any
 

@@ -21,8 +21,6 @@ Conventions (see ``shared/design/noise-kernel-norm.md``): ``"mse"`` is ℓ = ½ 
 ``H_i = I/C`` or ``2I``: pass the loss as a callable and the Hessian is derived from it.
 """
 
-from __future__ import annotations
-
 import dataclasses
 from typing import Any, Callable
 
@@ -69,7 +67,7 @@ class OutputLoss:
     total = lambda o: jnp.sum(self.per_example(o, batch))
     return jax.jvp(jax.grad(total), (outputs.astype(jnp.float32),), (w,))[1]
 
-  def for_output_shape(self, shape: tuple[int, ...]) -> OutputLoss:
+  def for_output_shape(self, shape: tuple[int, ...]) -> "OutputLoss":
     """This loss on outputs flattened to ``(B, C)`` from the model's own ``shape``.
 
     The named losses work on ``(B, C)`` directly; a callable is handed its outputs back in the

@@ -12,8 +12,6 @@ convention (``optax.sgd(η, momentum=μ)``). K < 1 is the stochastic edge of sta
   above 1 the expected loss of SGD on the linearised model grows without bound.
 """
 
-from __future__ import annotations
-
 from typing import Any
 
 import jax

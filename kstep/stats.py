@@ -7,8 +7,6 @@ inside an optimizer state (``optax.chain``, ``optax.inject_hyperparams``, ``opta
 are reachable one by one with ``optax.tree.get(state, name)``.
 """
 
-from __future__ import annotations
-
 from typing import Any
 
 import jax

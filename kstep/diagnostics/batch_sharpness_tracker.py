@@ -1,7 +1,5 @@
 """Tracks Batch Sharpness (EoSS, Definition 1) of any optimizer along training."""
 
-from __future__ import annotations
-
 from typing import Any, Callable, NamedTuple
 
 import jax

@@ -5,8 +5,6 @@ their previous values and ``<prefix>_num_skipped`` counts it. Running means are 
 weighted (:class:`Moments`, West's weighted Welford recursion); see :mod:`kstep.diagnostics`.
 """
 
-from __future__ import annotations
-
 from typing import Any, NamedTuple
 
 import jax

@@ -1,7 +1,5 @@
 """Tracks λ_max, the largest algebraic eigenvalue of the training loss's Hessian (EoS)."""
 
-from __future__ import annotations
-
 from typing import Any, Callable, NamedTuple
 
 import jax

@@ -5,8 +5,6 @@ Inside ``shard_map``/``pmap`` each device sees its shard of the batch; the estim
 ``axis_name`` (the mapped axis, or a tuple of axes) to these helpers to combine the devices.
 """
 
-from __future__ import annotations
-
 from typing import Any, Hashable
 
 import jax

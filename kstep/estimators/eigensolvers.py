@@ -5,8 +5,6 @@ dominant eigenvalue, on matrix-free products (:mod:`kstep.estimators.products`),
 from the previous eigenvector, stopping on the residual ``‖Hv − λv‖``.
 """
 
-from __future__ import annotations
-
 from typing import Any, Callable, NamedTuple
 
 import jax

@@ -144,7 +144,7 @@ def output_kernel(
     >>> params = {"w": jnp.eye(3, 2)}
     >>> batch = {"x": jnp.ones((4, 3))}
     >>> m = kstep.output_kernel(lambda p, b: b["x"] @ p["w"], params, batch, method="exact")
-    >>> m.matrix.round(3).tolist()  # J_i J_iᵀ = ‖x_i‖² I for a linear layer
+    >>> [[round(float(v), 3) for v in row] for row in m.matrix]  # J_i J_iᵀ = ‖x_i‖² I here
     [[3.0, 0.0], [0.0, 3.0]]
 
   Raises:

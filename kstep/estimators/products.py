@@ -5,8 +5,6 @@ With ``axis_name`` (inside ``shard_map``/``pmap``) every product is that of the 
 all-reduce of P floats each.
 """
 
-from __future__ import annotations
-
 from typing import Any, Callable
 
 import jax

@@ -1,7 +1,5 @@
 """Sample means of i.i.d. probes or batches and their standard errors."""
 
-from __future__ import annotations
-
 import jax
 import jax.numpy as jnp
 

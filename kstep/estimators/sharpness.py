@@ -1,7 +1,5 @@
 """Batch Sharpness (Andreyev & Beneventano, EoSS, Definition 1) over stacked batches."""
 
-from __future__ import annotations
-
 from typing import Any, Callable, NamedTuple
 
 import jax

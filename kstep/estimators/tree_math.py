@@ -5,8 +5,6 @@ product), so under ``jax.jit`` with sharded (e.g. FSDP) params the compiler may 
 like the params. Reductions (``vdot``, ``sq_norm``) accumulate in float32 whatever the leaf dtype.
 """
 
-from __future__ import annotations
-
 from typing import Any
 
 import jax
