@@ -92,18 +92,29 @@ def check_momentum(momentum: Any) -> None:
     raise ValueError(f"`momentum` must be in [0, 1); got {momentum!r}.")
 
 
-def prng_key(seed: int | Array) -> Array:
-  """``PRNGKey(seed)`` for an integer seed; a PRNG key (typed, or uint32 of shape (2,)) as is."""
-  if isinstance(seed, jax.Array) and (
+def _is_key(seed: Any) -> bool:
+  return isinstance(seed, jax.Array) and (
       jnp.issubdtype(seed.dtype, jax.dtypes.prng_key) or seed.shape == (2,)
-  ):
-    return seed
+  )
+
+
+def check_seed(seed: Any) -> None:
+  """Checks a seed at construction without making an array: an int (or an integer scalar array,
+  e.g. injected by ``optax.inject_hyperparams``) or a PRNG key (typed, or uint32 of shape (2,)).
+  The key itself is made in ``init`` (:func:`prng_key`), where it gets the state's placement."""
+  if _is_key(seed):
+    return
   is_int_array = (
       isinstance(seed, jax.Array) and seed.ndim == 0 and jnp.issubdtype(seed.dtype, jnp.integer)
   )
   if isinstance(seed, bool) or not (isinstance(seed, (int, np.integer)) or is_int_array):
     raise ValueError(f"`seed` must be an int or a PRNG key; got {seed!r}.")
-  return jax.random.PRNGKey(seed)
+
+
+def prng_key(seed: int | Array) -> Array:
+  """``PRNGKey(seed)`` for an integer seed; a PRNG key (typed, or uint32 of shape (2,)) as is."""
+  check_seed(seed)
+  return seed if _is_key(seed) else jax.random.PRNGKey(seed)
 
 
 def schedule_value(x: optax.ScalarOrSchedule, count: Array) -> Array:
@@ -121,10 +132,14 @@ def check_int(name: str, value: Any) -> int:
 
 def check_real_params(params: Any, who: str) -> None:
   """Raises ValueError if any leaf of ``params`` is complex: kstep's traces and curvature
-  products assume real parameters (a complex leaf would silently give a wrong trace)."""
-  for leaf in jax.tree.leaves(params):
-    if jnp.iscomplexobj(leaf):
+  products assume real parameters (a complex leaf would silently give a wrong trace, e.g. half
+  of ‖J‖²_F). Works on concrete, traced and abstract (``ShapeDtypeStruct``) leaves."""
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    dtype = getattr(leaf, "dtype", None)
+    if dtype is None:
+      dtype = np.result_type(leaf)
+    if jnp.issubdtype(dtype, jnp.complexfloating):
       raise ValueError(
-          f"kstep.{who} supports real params only; got a complex leaf of dtype {leaf.dtype}. "
-          "Split complex parameters into real and imaginary parts."
+          f"kstep.{who}: `params` must be real; params{jax.tree_util.keystr(path)} has dtype "
+          f"{dtype}. Split complex parameters into real and imaginary parts."
       )

@@ -68,10 +68,11 @@ def run(opt, params, batches, **extra):
   return history, state
 
 
-def diagnostics(lr=0.1):
+def diagnostics(lr=0.1, momentum=0.9):
   return [
-      kstep.track_lambda_max(loss_fn, every=2, num_iters=30, tol=1e-5),
-      kstep.track_batch_sharpness(loss_fn, every=2, learning_rate=lr),
+      kstep.track_lambda_max(loss_fn, every=2, num_iters=30, tol=1e-5, learning_rate=lr,
+                             momentum=momentum),
+      kstep.track_batch_sharpness(loss_fn, every=2, learning_rate=lr, momentum=momentum),
       kstep.track_k(apply_fn, batch_size=8, learning_rate=lr, every=2, num_probes=2),
   ]
 
@@ -241,7 +242,9 @@ def test_batch_sharpness_matches_explicit_hessians(params):
   np.testing.assert_allclose(s["batch_sharpness_mean_of_ratios"], mean, rtol=1e-4)
   np.testing.assert_allclose(s["batch_sharpness_mean_of_ratios_stderr"], se, rtol=1e-3)
   np.testing.assert_allclose(s["batch_sharpness_last"], ratios[-1], rtol=1e-4)
-  np.testing.assert_allclose(s["edge_ratio"], lr * num.mean() / den.mean() / 2, rtol=1e-4)
+  for edge in ("small_batch", "large_batch"):  # no momentum: both edges are 2/η
+    np.testing.assert_allclose(s[f"batch_sharpness_edge_ratio_{edge}"],
+                               lr * num.mean() / den.mean() / 2, rtol=1e-4)
   assert int(s["batch_sharpness_num_measurements"]) == 6
 
 
@@ -271,7 +274,50 @@ def test_batch_sharpness_ema_and_schedule(params):
       s["batch_sharpness_mean_of_ratios_stderr"], np.sqrt(var * np.sum(w**2)) / np.sum(w),
       rtol=1e-3,
   )
-  np.testing.assert_allclose(s["edge_ratio"], float(lr(6)) * bs / 2, rtol=1e-4)
+  np.testing.assert_allclose(s["batch_sharpness_edge_ratio_small_batch"], float(lr(6)) * bs / 2,
+                             rtol=1e-4)
+
+
+def test_batch_sharpness_edge_ratios_with_momentum(params):
+  """Heavy-ball μ: Batch Sharpness plateaus at 2(1 − μ)/η (small batches) or 2(1 + μ)/η (large
+  ones); the two ratios measure η·BS against each, here from explicit Hessians."""
+  batches = make_batches(4, 8)
+  lr, mu = 0.05, 0.9
+  opt = optax.chain(
+      optax.sgd(lr, momentum=mu),
+      kstep.track_batch_sharpness(loss_fn, every=1, learning_rate=lr, momentum=mu, decay=None),
+  )
+  history, state = run(opt, params, batches)
+  num, den = _explicit_curvatures(history[:-1], batches)
+  bs = num.mean() / den.mean()
+  s = kstep.stats(state)
+  np.testing.assert_allclose(s["batch_sharpness"], bs, rtol=1e-4)
+  np.testing.assert_allclose(s["batch_sharpness_edge_ratio_small_batch"], lr * bs / 0.2, rtol=1e-4)
+  np.testing.assert_allclose(s["batch_sharpness_edge_ratio_large_batch"], lr * bs / 3.8, rtol=1e-4)
+
+
+def test_lambda_max_edge_ratio_with_momentum_and_schedule(params, fixed):
+  """η·λ_max / (2(1 + μ)) with η the schedule's value at each update and λ_max the dense top
+  eigenvalue on the measure batch at the last measurement; NaN without a learning rate."""
+  lr, mu = optax.linear_schedule(0.2, 0.02, 4), 0.9
+  tracker = kstep.track_lambda_max(loss_fn, every=2, num_iters=51, tol=1e-6, learning_rate=lr,
+                                   momentum=mu)
+  opt = optax.chain(optax.sgd(lr, momentum=mu), tracker)
+  state = opt.init(params)
+  step = jax.jit(lambda p, s, b: opt.update(jax.grad(loss_fn)(p, b), s, p, batch=b,
+                                            measure_batch=fixed))
+  p = params
+  for t, batch in enumerate(make_batches(4, 8)):
+    if t % 2 == 0:
+      top = np.linalg.eigvalsh(np.asarray(dense_hessian(p, fixed), np.float64))[-1]
+    updates, state = step(p, state, batch)
+    p = optax.apply_updates(p, updates)
+    s = kstep.stats(state)
+    np.testing.assert_allclose(s["lambda_max"], top, rtol=1e-3)
+    np.testing.assert_allclose(s["lambda_max_edge_ratio"], float(lr(t)) * top / 3.8, rtol=1e-3)
+  plain = kstep.track_lambda_max(loss_fn, every=1)  # no learning rate: no ratio
+  _, state = jax.jit(lambda s: plain.update(params, s, params, batch=fixed))(plain.init(params))
+  assert np.isfinite(state.lambda_max) and np.isnan(state.lambda_max_edge_ratio)
 
 
 @jax.jit
@@ -353,7 +399,8 @@ def test_non_finite_measurements_are_skipped(params):
     updates, state = step(state, batch)
     assert all(np.all(np.isfinite(u)) for u in jax.tree.leaves(updates))
     after.append(jax.device_get(kstep.stats(state)))
-  for name in ("lambda_max", "batch_sharpness", "edge_ratio", "k", "k_trace"):
+  for name in ("lambda_max", "batch_sharpness", "batch_sharpness_edge_ratio_small_batch", "k",
+               "k_trace"):
     assert after[1][name] == after[0][name], name
     assert np.isfinite(after[2][name]), name
   for prefix in ("lambda_max", "batch_sharpness", "k"):
@@ -364,6 +411,79 @@ def test_non_finite_measurements_are_skipped(params):
   for t in (0, 2):
     top = np.linalg.eigvalsh(np.asarray(dense_hessian(params, batches[t]), np.float64))[-1]
     np.testing.assert_allclose(after[t]["lambda_max"], top, rtol=1e-3)
+
+
+MEASURED = {  # each tracker's measured stats: NaN until the first valid measurement
+    "lambda_max": ("lambda_max", "lambda_max_residual", "lambda_max_edge_ratio"),
+    "batch_sharpness": (
+        "batch_sharpness", "batch_sharpness_stderr", "batch_sharpness_mean_of_ratios",
+        "batch_sharpness_mean_of_ratios_stderr", "batch_sharpness_last",
+        "batch_sharpness_edge_ratio_small_batch", "batch_sharpness_edge_ratio_large_batch"),
+}
+
+
+@pytest.mark.parametrize("prefix", sorted(MEASURED))
+def test_stats_are_nan_before_the_first_valid_measurement(params, prefix):
+  """Not a plausible 0: NaN at init and after a NaN batch (counted as skipped), the dense value
+  after the first valid one."""
+  if prefix == "lambda_max":
+    tracker = kstep.track_lambda_max(loss_fn, every=1, num_iters=51, tol=1e-6, learning_rate=0.1)
+  else:
+    tracker = kstep.track_batch_sharpness(loss_fn, every=1, learning_rate=0.1)
+  good = make_batches(1, 8)[0]
+  bad = {"x": good["x"].at[0, 0].set(jnp.nan), "y": good["y"]}
+  state = tracker.init(params)
+  step = jax.jit(lambda s, b: tracker.update(params, s, params, batch=b)[1])
+  for name in MEASURED[prefix]:
+    assert np.isnan(getattr(state, name)), name
+  state = step(state, bad)
+  for name in MEASURED[prefix]:
+    assert np.isnan(getattr(state, name)), name
+  assert int(getattr(state, f"{prefix}_num_skipped")) == 1
+  assert int(getattr(state, f"{prefix}_num_measurements")) == 0
+  state = step(state, good)
+  assert int(getattr(state, f"{prefix}_num_skipped")) == 1
+  assert int(getattr(state, f"{prefix}_num_measurements")) == 1
+  if prefix == "lambda_max":
+    top = np.linalg.eigvalsh(np.asarray(dense_hessian(params, good), np.float64))[-1]
+    np.testing.assert_allclose(state.lambda_max, top, rtol=1e-3)
+    np.testing.assert_allclose(state.lambda_max_edge_ratio, 0.1 * top / 2, rtol=1e-3)
+  else:
+    num, den = _explicit_curvature(params, good)
+    np.testing.assert_allclose(state.batch_sharpness, num / den, rtol=1e-4)
+    np.testing.assert_allclose(state.batch_sharpness_last, num / den, rtol=1e-4)
+    assert np.isnan(state.batch_sharpness_stderr)  # one measurement: no spread yet
+
+
+@pytest.mark.parametrize("factory", [kstep.track_lambda_max, kstep.track_batch_sharpness])
+def test_complex_params_raise_naming_params(factory):
+  complex_loss = lambda p, b: jnp.sum(jnp.abs(p["w"]) ** 2 * b)
+  opt = factory(complex_loss, every=1)
+  z = {"w": jnp.ones((3,), jnp.complex64)}
+  message = r"`params` must be real; params\['w'\] has dtype complex64"
+  with pytest.raises(ValueError, match=message):
+    opt.init(z)
+  state = opt.init({"w": jnp.ones((3,), jnp.float32)})
+  with pytest.raises(ValueError, match=message):
+    opt.update(z, state, z, batch=jnp.ones(3))
+  with pytest.raises(ValueError, match=message):
+    jax.jit(lambda s: opt.update(z, s, z, batch=jnp.ones(3)))(state)
+
+
+def test_lambda_max_key_is_made_in_init(params, monkeypatch):
+  """Constructing the tracker makes no array (the key belongs to the state, placed by init)."""
+  real = jax.random.PRNGKey
+  calls = []
+  monkeypatch.setattr(jax.random, "PRNGKey", lambda seed: calls.append(seed) or real(seed))
+  opt = kstep.track_lambda_max(loss_fn, every=1, seed=5)
+  assert calls == []
+  state = opt.init(params)
+  assert calls == [5]
+  np.testing.assert_array_equal(np.asarray(state.key), np.asarray(real(5)))
+  key = jax.random.key(5)  # a typed key is kept as is
+  np.testing.assert_array_equal(
+      jax.random.key_data(kstep.track_lambda_max(loss_fn, every=1, seed=key).init(params).key),
+      jax.random.key_data(key))
 
 
 @pytest.mark.parametrize(
@@ -377,10 +497,14 @@ def test_non_finite_measurements_are_skipped(params):
         (lambda: kstep.track_lambda_max(loss_fn, every=1, warm_start=1), "warm_start"),
         (lambda: kstep.track_lambda_max(loss_fn, every=1, seed="a"), "seed"),
         (lambda: kstep.track_lambda_max("loss", every=1), "loss_fn"),
+        (lambda: kstep.track_lambda_max(loss_fn, every=1, learning_rate=-0.1), "learning_rate"),
+        (lambda: kstep.track_lambda_max(loss_fn, every=1, momentum=1.0), "momentum"),
+        (lambda: kstep.track_lambda_max(loss_fn, every=1, momentum=-0.1), "momentum"),
         (lambda: kstep.track_batch_sharpness(loss_fn, every=-1), "every"),
         (lambda: kstep.track_batch_sharpness(loss_fn, every=1, learning_rate=0.0),
          "learning_rate"),
         (lambda: kstep.track_batch_sharpness(loss_fn, every=1, decay=1.0), "decay"),
+        (lambda: kstep.track_batch_sharpness(loss_fn, every=1, momentum=1.0), "momentum"),
         (lambda: kstep.track_batch_sharpness(None, every=1), "loss_fn"),
         (lambda: kstep.track_k(apply_fn, batch_size=0, learning_rate=0.1), "batch_size"),
         (lambda: kstep.track_k(apply_fn, batch_size=8, learning_rate=-1.0), "learning_rate"),
@@ -418,9 +542,11 @@ def test_missing_batch_or_params_raise(params, index):
 INJECTED = {
     # name: (factory, static_args, kwargs); every kwarg that is not static is injected.
     "lambda_max": (kstep.track_lambda_max, ("loss_fn", "num_iters"),
-                   dict(loss_fn=loss_fn, every=2, num_iters=30, tol=1e-5, seed=3)),
+                   dict(loss_fn=loss_fn, every=2, num_iters=30, tol=1e-5, seed=3,
+                        learning_rate=0.1, momentum=0.5)),
     "batch_sharpness": (kstep.track_batch_sharpness, ("loss_fn",),
-                        dict(loss_fn=loss_fn, every=2, learning_rate=0.1, decay=0.7)),
+                        dict(loss_fn=loss_fn, every=2, learning_rate=0.1, momentum=0.5,
+                             decay=0.7)),
     "k": (kstep.track_k, ("apply_fn", "num_probes"),
           dict(apply_fn=apply_fn, batch_size=8, learning_rate=0.1, momentum=0.5, every=2,
                num_probes=2, decay=0.5, seed=3)),
@@ -459,7 +585,11 @@ def test_inject_hyperparams_matches_plain_tracker(params, batches, name):
   assert int(got[f"{name}_num_measurements"]) == 3
 
 
-@pytest.mark.parametrize("name, field", [("batch_sharpness", "edge_ratio"), ("k", "k")])
+@pytest.mark.parametrize("name, field", [
+    ("batch_sharpness", "batch_sharpness_edge_ratio_small_batch"),
+    ("batch_sharpness", "batch_sharpness_edge_ratio_large_batch"),
+    ("lambda_max", "lambda_max_edge_ratio"), ("k", "k"),
+])
 def test_injected_learning_rate_changes_edge_ratio_and_k(params, batches, name, field):
   factory, static, kwargs = INJECTED[name]
   opt = optax.inject_hyperparams(factory, static_args=static)(**kwargs)

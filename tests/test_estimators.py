@@ -760,3 +760,30 @@ def test_batch_sharpness_eager_bf16_single_batch_and_bad_reduction():
   assert np.isnan(float(res.stderr))
   with pytest.raises(ValueError, match="`reduction`"):
     kstep.batch_sharpness(lm_loss, params, batches, reduction="median")
+
+
+# --------------------------------------------------------------------------------------------
+# Complex params: rejected by name (they would give silently wrong curvature, e.g. half of ‖J‖²).
+# --------------------------------------------------------------------------------------------
+
+COMPLEX_CALLS = {
+    "hvp": lambda p, b, f, l: kstep.hvp(l, p, b, p),
+    "gauss_newton_vp": lambda p, b, f, l: kstep.gauss_newton_vp(f, p, b, p),
+    "batch_curvature": lambda p, b, f, l: kstep.estimators.batch_curvature(l, p, b),
+    "lambda_max": lambda p, b, f, l: kstep.lambda_max(l, p, b, num_iters=2),
+    "gauss_newton_lambda_max": lambda p, b, f, l: kstep.gauss_newton_lambda_max(
+        f, p, b, num_iters=2),
+    "batch_sharpness": lambda p, b, f, l: kstep.batch_sharpness(
+        l, p, jax.tree.map(lambda x: x[None], b)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(COMPLEX_CALLS))
+def test_complex_params_are_rejected_naming_params(name):
+  apply_fn = lambda p, b: jnp.real(b["x"] @ p["w"])
+  loss_fn = lambda p, b: 0.5 * jnp.mean(jnp.sum((apply_fn(p, b) - b["y"]) ** 2, -1))
+  batch = {"x": jnp.ones((4, 3)), "y": jnp.zeros((4, 2))}
+  z = {"w": jnp.ones((3, 2), jnp.complex64)}
+  with pytest.raises(ValueError, match=rf"kstep.{name}: `params` must be real; params\['w'\]"):
+    COMPLEX_CALLS[name](z, batch, apply_fn, loss_fn)
+  COMPLEX_CALLS[name]({"w": jnp.ones((3, 2))}, batch, apply_fn, loss_fn)  # real params run

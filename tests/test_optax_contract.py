@@ -93,10 +93,11 @@ def spec(name: str, problem: Problem, learning_rate: Any = LR) -> tuple[Callable
     return kstep.k_controlled_sgd, dict(
         learning_rate=learning_rate, apply_fn=problem.apply_fn, momentum=MOMENTUM, every=EVERY)
   if name == "track_lambda_max":
-    return kstep.track_lambda_max, dict(loss_fn=problem.loss_fn, every=EVERY, num_iters=10)
+    return kstep.track_lambda_max, dict(loss_fn=problem.loss_fn, every=EVERY, num_iters=10,
+                                        learning_rate=learning_rate, momentum=MOMENTUM)
   if name == "track_batch_sharpness":
     return kstep.track_batch_sharpness, dict(
-        loss_fn=problem.loss_fn, every=EVERY, learning_rate=learning_rate)
+        loss_fn=problem.loss_fn, every=EVERY, learning_rate=learning_rate, momentum=MOMENTUM)
   if name == "track_k":
     return kstep.track_k, dict(apply_fn=problem.apply_fn, learning_rate=learning_rate,
                                momentum=MOMENTUM, every=EVERY, estimator="exact")
@@ -376,7 +377,7 @@ def test_apply_if_finite(name):
 # ------------------------------------------------------------------------------------------------
 # Schedules (test_optimizers_accept_learning_rate_schedule_if_type_annotated_as_such).
 
-SCHEDULED = ("k_controlled_sgd", "track_batch_sharpness", "track_k")  # those with a learning_rate
+SCHEDULED = ("k_controlled_sgd", "track_lambda_max", "track_batch_sharpness", "track_k")
 
 
 @pytest.mark.parametrize("name", SCHEDULED)

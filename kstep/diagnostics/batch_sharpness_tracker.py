@@ -28,10 +28,16 @@ class TrackBatchSharpnessState(NamedTuple):
       mostly).
     batch_sharpness_mean_of_ratios_stderr: its standard error.
     batch_sharpness_last: ``gᵀHg / ‖g‖²`` of the last measured batch alone.
-    edge_ratio: ``η · batch_sharpness / 2`` with η the learning rate at this update (1 is the
-      edge); NaN when no ``learning_rate`` was given.
+    batch_sharpness_edge_ratio_small_batch: ``η · batch_sharpness / (2(1 − μ))``, η the learning
+      rate at this update and μ the momentum: 1 on the small-batch plateau ``2(1 − μ)/η``.
+    batch_sharpness_edge_ratio_large_batch: ``η · batch_sharpness / (2(1 + μ))``: 1 on the
+      large-batch plateau ``2(1 + μ)/η``. With μ = 0 both ratios are ``η · batch_sharpness / 2``.
     batch_sharpness_num_measurements: valid measurements so far.
     batch_sharpness_num_skipped: measurements dropped as NaN/Inf.
+
+  The measured values (``batch_sharpness``, ``batch_sharpness_mean_of_ratios``,
+  ``batch_sharpness_last``, the edge ratios) read NaN before the first valid measurement; the
+  standard errors until two exist; the edge ratios without a ``learning_rate``.
   """
 
   count: Array
@@ -41,13 +47,15 @@ class TrackBatchSharpnessState(NamedTuple):
   batch_sharpness_mean_of_ratios: Array
   batch_sharpness_mean_of_ratios_stderr: Array
   batch_sharpness_last: Array
-  edge_ratio: Array
+  batch_sharpness_edge_ratio_small_batch: Array
+  batch_sharpness_edge_ratio_large_batch: Array
   batch_sharpness_num_measurements: Array
   batch_sharpness_num_skipped: Array
 
   STATS_FIELDS = (
       "batch_sharpness", "batch_sharpness_stderr", "batch_sharpness_mean_of_ratios",
-      "batch_sharpness_mean_of_ratios_stderr", "batch_sharpness_last", "edge_ratio",
+      "batch_sharpness_mean_of_ratios_stderr", "batch_sharpness_last",
+      "batch_sharpness_edge_ratio_small_batch", "batch_sharpness_edge_ratio_large_batch",
       "batch_sharpness_num_measurements", "batch_sharpness_num_skipped",
   )
 
@@ -57,6 +65,7 @@ def track_batch_sharpness(
     *,
     every: int,
     learning_rate: ScalarOrSchedule | None = None,
+    momentum: float = 0.0,
     decay: float | None = 0.95,
     axis_name: AxisName = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -66,8 +75,13 @@ def track_batch_sharpness(
   ``L_B`` along its own gradient ``g_B = ∇L_B``, with ``H_B = ∇²L_B``, averaged over batches as a
   ratio of expectations. EoSS's claim: under mini-batch SGD with step η, after progressive
   sharpening Batch Sharpness reaches ``2/η`` and hovers there while the full-batch λ_max
-  (:func:`track_lambda_max`) stays below ``2/η``, the lower the smaller the batch. ``edge_ratio
-  = η · BatchSharpness / 2`` is therefore ≈ 1 at the EoSS.
+  (:func:`track_lambda_max`) stays below ``2/η``, the lower the smaller the batch. With
+  heavy-ball momentum μ the plateau depends on the batch size: ``2(1 − μ)/η`` for small batches,
+  ``2(1 + μ)/η`` for large ones ("Momentum Further Constrains Sharpness at the Edge of Stochastic
+  Stability", 2026). Given ``learning_rate``, both ratios are reported:
+  ``batch_sharpness_edge_ratio_small_batch = η · BatchSharpness / (2(1 − μ))`` and
+  ``batch_sharpness_edge_ratio_large_batch = η · BatchSharpness / (2(1 + μ))``; the one for the
+  run's regime reads ≈ 1 at the EoSS (with μ = 0 they coincide, ``η · BatchSharpness / 2``).
 
   Every ``every`` updates the pair ``(g_Bᵀ H_B g_B, ‖g_B‖²)`` is measured on the current batch
   (keyword ``batch=``) at ``params`` with :func:`kstep.estimators.batch_curvature`; the
@@ -83,7 +97,9 @@ def track_batch_sharpness(
     loss_fn: scalar mini-batch loss ``loss_fn(params, batch)`` (the loss being optimised).
     every: measure on updates 0, ``every``, ``2·every``, …
     learning_rate: η, a float or an optax schedule of the update count (the step the optimizer
-      takes, for ``edge_ratio``); ``None`` leaves ``edge_ratio`` NaN.
+      takes), for the edge ratios; ``None`` leaves them NaN.
+    momentum: μ in [0, 1), the optimizer's heavy-ball momentum in optax's convention
+      (``optax.sgd(η, momentum=μ)``: ``t ← g + μ t``, ``θ ← θ − η t``); 0 for plain SGD.
     decay: weight d in [0, 1) of the past in the running means (about ``(1 + d)/(1 − d)``
       measurements averaged), or ``None`` for the all-time mean. The default 0.95 averages about
       40 measurements, enough for a stable ratio with small batches, short enough to follow
@@ -96,22 +112,43 @@ def track_batch_sharpness(
     An ``optax.GradientTransformationExtraArgs`` with state :class:`TrackBatchSharpnessState`.
 
   Raises:
-    ValueError: at construction, naming the argument that is out of range.
+    ValueError: at construction, naming the argument that is out of range; in ``init`` and
+      ``update`` for complex ``params``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, kstep
+    >>> loss_fn = lambda p, batch: 0.5 * jnp.sum(batch * p**2)  # H_B = diag(batch)
+    >>> params, batch = jnp.array([1.0, 1.0]), jnp.array([1.0, 3.0])
+    >>> opt = optax.chain(
+    ...     optax.sgd(0.1, momentum=0.5),
+    ...     kstep.track_batch_sharpness(loss_fn, every=1, learning_rate=0.1, momentum=0.5))
+    >>> state = opt.init(params)
+    >>> grads = jax.grad(loss_fn)(params, batch)  # g = (1, 3): gᵀHg / ‖g‖² = 28 / 10
+    >>> updates, state = opt.update(grads, state, params, batch=batch)
+    >>> s = kstep.stats(state)
+    >>> round(float(s["batch_sharpness"]), 4)
+    2.8
+    >>> round(float(s["batch_sharpness_edge_ratio_small_batch"]), 4)  # 0.1 · 2.8 / (2 · 0.5)
+    0.28
+    >>> round(float(s["batch_sharpness_edge_ratio_large_batch"]), 4)  # 0.1 · 2.8 / (2 · 1.5)
+    0.0933
   """
   arguments.check_callable("loss_fn", loss_fn, "loss_fn(params, batch) -> scalar")
   arguments.check_positive_int("every", every)
   arguments.check_learning_rate(learning_rate, optional=True)
+  arguments.check_momentum(momentum)
   arguments.check_decay(decay)
   every = arguments.static_or_traced_int(every)
 
   def init_fn(params: PyTree) -> TrackBatchSharpnessState:
-    del params
+    arguments.check_real_params(params, "track_batch_sharpness")
     return TrackBatchSharpnessState(
-        count=common.izero(), moments=common.moments_init(3), batch_sharpness=common.zero(),
-        batch_sharpness_stderr=common.nan(), batch_sharpness_mean_of_ratios=common.zero(),
-        batch_sharpness_mean_of_ratios_stderr=common.nan(), batch_sharpness_last=common.zero(),
-        edge_ratio=common.nan(), batch_sharpness_num_measurements=common.izero(),
-        batch_sharpness_num_skipped=common.izero(),
+        count=common.izero(), moments=common.moments_init(3), batch_sharpness=common.nan(),
+        batch_sharpness_stderr=common.nan(), batch_sharpness_mean_of_ratios=common.nan(),
+        batch_sharpness_mean_of_ratios_stderr=common.nan(), batch_sharpness_last=common.nan(),
+        batch_sharpness_edge_ratio_small_batch=common.nan(),
+        batch_sharpness_edge_ratio_large_batch=common.nan(),
+        batch_sharpness_num_measurements=common.izero(), batch_sharpness_num_skipped=common.izero(),
     )
 
   def measure(state: TrackBatchSharpnessState, params: PyTree, batch: Any):
@@ -135,17 +172,18 @@ def track_batch_sharpness(
 
   def update_fn(updates, state: TrackBatchSharpnessState, params=None, **extra_args):
     common.check_params(params, "track_batch_sharpness")
+    arguments.check_real_params(params, "track_batch_sharpness")
     batch = common.get_batch(extra_args, "track_batch_sharpness")
     new_state = jax.lax.cond(
         state.count % every == 0, lambda s: measure(s, params, batch), lambda s: s, state
     )
-    if learning_rate is None:
-      edge = common.nan()
-    else:
-      edge = arguments.schedule_value(learning_rate, state.count) * new_state.batch_sharpness / 2.0
-      edge = jnp.where(new_state.batch_sharpness_num_measurements > 0, edge, jnp.nan)
+    bs = new_state.batch_sharpness  # NaN before the first valid measurement
     return updates, new_state._replace(
-        count=optax.safe_increment(state.count), edge_ratio=edge.astype(jnp.float32)
+        count=optax.safe_increment(state.count),
+        batch_sharpness_edge_ratio_small_batch=common.edge_ratio(
+            learning_rate, state.count, bs, 2.0 * (1.0 - momentum)),
+        batch_sharpness_edge_ratio_large_batch=common.edge_ratio(
+            learning_rate, state.count, bs, 2.0 * (1.0 + momentum)),
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,7 +1,8 @@
 """What the three trackers share: constants, the keep-if-valid rule, batch lookup, running moments.
 
 A measurement that comes out NaN or ±Inf is dropped (:func:`accept`): the reported values keep
-their previous values and ``<prefix>_num_skipped`` counts it. Running means are exponentially
+their previous values (NaN before the first valid measurement) and ``<prefix>_num_skipped``
+counts it. Running means are exponentially
 weighted (:class:`Moments`, West's weighted Welford recursion); see :mod:`kstep.diagnostics`.
 """
 
@@ -9,6 +10,8 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from kstep import arguments
 
 Array = jax.Array
 
@@ -27,6 +30,15 @@ def izero() -> Array:
 
 def nan() -> Array:
   return jnp.full((), jnp.nan, jnp.float32)
+
+
+def edge_ratio(learning_rate: Any, count: Array, value: Array, edge: Any) -> Array:
+  """``η · value / edge`` with η the learning rate (float or optax schedule) at update ``count``
+  and ``edge`` the threshold's numerator (e.g. ``2(1 + μ)``): 1 on the edge. NaN without a
+  learning rate, and while ``value`` is NaN (before its first valid measurement)."""
+  if learning_rate is None:
+    return nan()
+  return f32(arguments.schedule_value(learning_rate, count) * value / edge)
 
 
 def same_types(new: Any, old: Any) -> Any:

@@ -62,8 +62,10 @@ def _lanczos(matvec: Callable[[PyTree], PyTree], v0: PyTree, max_iters: int, tol
   idx = jnp.arange(m)
 
   def coefficients(basis, w):  # (m,): ⟨basis_j, w⟩
+    # A product and a sum rather than a tensordot: under an explicit mesh a contraction over
+    # sharded axes needs an output sharding, a reduction does not.
     return sum(
-        jnp.tensordot(bl, wl, axes=wl.ndim)
+        jnp.sum(bl * wl[None], axis=tuple(range(1, bl.ndim)))
         for bl, wl in zip(jax.tree.leaves(basis), jax.tree.leaves(w))
     )
 
@@ -103,9 +105,10 @@ def _lanczos(matvec: Callable[[PyTree], PyTree], v0: PyTree, max_iters: int, tol
     v_next = tm.scale(jnp.where(breakdown, 0.0, 1.0 / jnp.where(breakdown, 1.0, b)), w)
     return k + 1, basis, alphas, betas, v_next, v, b, jnp.logical_or(converged, breakdown)
 
-  zeros = jax.tree.map(jnp.zeros_like, v0)
+  # Like-shaped zeros: under an explicit mesh every carried vector keeps the params' sharding.
+  zeros = tm.zeros_like(v0)
   init = (
-      jnp.int32(0), jax.tree.map(lambda x: jnp.zeros((m,) + x.shape, jnp.float32), v0),
+      jnp.int32(0), jax.tree.map(lambda z: jnp.broadcast_to(z, (m,) + z.shape), zeros),
       jnp.zeros((m,), jnp.float32), jnp.zeros((m,), jnp.float32), v0, zeros, jnp.float32(0.0),
       jnp.bool_(False),
   )
@@ -205,9 +208,14 @@ def lambda_max(
       device runs the same solve.
 
   Returns:
-    ``LambdaMax(value, eigenvector, residual, num_iters)``.
+    ``LambdaMax(value, eigenvector, residual, num_iters)``; the eigenvector's leaves carry the
+    sharding of their params (also under an explicit mesh).
+
+  Raises:
+    ValueError: ``num_iters`` < 1, or complex ``params``.
   """
   arguments.check_int("num_iters", num_iters)
+  arguments.check_real_params(params, "lambda_max")
   p32 = tm.f32(params)
   matvec = lambda x: tm.f32(products.hvp(loss_fn, p32, batch, x, axis_name=axis_name))
   v0 = _initial_vector(init, key, p32)
@@ -231,8 +239,10 @@ def gauss_newton_lambda_max(
 
   Same interface and solvers as :func:`lambda_max`, with :func:`gauss_newton_vp` as the product.
   For ``loss="mse"`` this is ``λ_max(Θ̂)``, the full-batch EOS quantity of the K paper (§2.1).
+  Complex ``params`` raise a ``ValueError``.
   """
   arguments.check_int("num_iters", num_iters)
+  arguments.check_real_params(params, "gauss_newton_lambda_max")
   p32 = tm.f32(params)
   spec = losses.resolve_loss(loss)
   matvec = lambda x: tm.f32(

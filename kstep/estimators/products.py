@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import jax
 
-from kstep import losses
+from kstep import arguments, losses
 from kstep.estimators import data_axis, linearization
 from kstep.estimators import tree_math as tm
 from kstep.estimators.data_axis import AxisName
@@ -26,7 +26,9 @@ def hvp(
   """Hessian-vector product ``∇²_θ loss_fn(params, batch) · v``, forward-over-reverse.
 
   With ``axis_name``, the Hessian of the mean of the devices' losses (one all-reduce of P floats).
+  Complex ``params`` raise a ``ValueError``.
   """
+  arguments.check_real_params(params, "hvp")
   primal, tangent = data_axis.local((params, v), axis_name)
   local = jax.jvp(lambda p: jax.grad(loss_fn)(p, batch), (primal,), (tangent,))[1]
   return data_axis.pmean(local, axis_name)
@@ -49,7 +51,9 @@ def gauss_newton_vp(
   """Gauss–Newton-vector product ``(1/B) Σ_i J_iᵀ H_i J_i v`` (one JVP, one VJP).
 
   With ``axis_name``, B and the sum run over the global batch (one all-reduce of P floats).
+  Complex ``params`` raise a ``ValueError``.
   """
+  arguments.check_real_params(params, "gauss_newton_vp")
   lin = linearization.linearize(apply_fn, params, batch, axis_name=axis_name)
   return linearized_gauss_newton_vp(lin, losses.resolve_loss(loss), batch, v, axis_name=axis_name)
 
@@ -75,7 +79,9 @@ def batch_curvature(
   """``(g_Bᵀ H_B g_B, ‖g_B‖²)`` for one batch: one gradient and one HVP, in float32.
 
   With ``axis_name`` the batch is the union of the devices' shards (two all-reduces of P floats).
+  Complex ``params`` raise a ``ValueError``.
   """
+  arguments.check_real_params(params, "batch_curvature")
   p32 = tm.f32(params)
   g = _grad(loss_fn, p32, batch, axis_name=axis_name)
   hg = hvp(loss_fn, p32, batch, g, axis_name=axis_name)

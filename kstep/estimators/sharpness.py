@@ -5,6 +5,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from kstep import arguments
 from kstep.estimators import products, sample_stats
 from kstep.estimators.data_axis import AxisName
 
@@ -46,8 +47,10 @@ def batch_sharpness(
   Hessian of ``loss_fn(params, batch_m)``; ``batches`` stacks the M batches on a leading axis.
   Cost: M gradients and M Hessian-vector products. A batch with zero gradient contributes a ratio
   of 0. With ``axis_name`` (inside ``shard_map``/``pmap``) every batch is split over the devices
-  along its second axis (each device holds ``(M, B/n, ...)``).
+  along its second axis (each device holds ``(M, B/n, ...)``). Complex ``params`` raise a
+  ``ValueError``.
   """
+  arguments.check_real_params(params, "batch_sharpness")
   if reduction not in ("ratio_of_means", "mean_of_ratios"):
     raise ValueError(
         f'`reduction` must be "ratio_of_means" or "mean_of_ratios"; got {reduction!r}.'

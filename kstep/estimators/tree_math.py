@@ -52,12 +52,25 @@ def unit(x: PyTree) -> tuple[PyTree, Array]:
   return scale(jnp.where(n > 0, 1.0 / jnp.where(n > 0, n, 1.0), 1.0), x), n
 
 
+def zeros_like(like: PyTree) -> PyTree:
+  """Float32 zeros shaped (and, under an explicit mesh, sharded) like each leaf of ``like``."""
+  return jax.tree.map(lambda x: jnp.zeros_like(x, jnp.float32), like)
+
+
 def ones_unit(like: PyTree) -> PyTree:
   size = sum(x.size for x in jax.tree.leaves(like))
-  return jax.tree.map(lambda x: jnp.full(x.shape, 1.0 / size**0.5, jnp.float32), like)
+  return jax.tree.map(lambda x: jnp.full_like(x, 1.0 / size**0.5, jnp.float32), like)
 
 
 def random_unit(key: Array, like: PyTree) -> PyTree:
-  """A random unit vector, float32, shaped like ``like`` (one normal draw of size P)."""
+  """A random unit vector, float32, shaped like ``like`` (one normal draw of size P).
+
+  Each leaf carries the sharding of its leaf of ``like``: the draw is one flat vector (the same
+  numbers on any device layout), and adding zeros made by ``zeros_like`` of the leaf gives it the
+  leaf's sharding under an explicit mesh (``jax.sharding.AxisType.Explicit``), where a
+  ``while_loop`` carry must keep its sharding. Under ``jax.jit`` with automatic axes the addition
+  changes nothing.
+  """
   flat, unravel = ravel_pytree(jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), jnp.float32), like))
-  return unit(unravel(jax.random.normal(key, flat.shape, jnp.float32)))[0]
+  drawn = unravel(jax.random.normal(key, flat.shape, jnp.float32))
+  return unit(jax.tree.map(jnp.add, drawn, zeros_like(like)))[0]
