@@ -4,22 +4,41 @@ Each function here returns an ``optax.GradientTransformationExtraArgs`` that ret
 ``updates`` unchanged (the same arrays, bit for bit) and records measurements in its state, a
 NamedTuple of scalar arrays whose class attribute ``STATS_FIELDS`` names what it reports. Chain it
 before or after any optimizer and read the values with :func:`kstep.stats` or
-``optax.tree.get(state, name)``::
+``optax.tree.get(state, name)``; here on a linear least-squares model, whose Hessian is
+``XᵀX / B``:
 
-    opt = optax.chain(
-        optax.sgd(0.05),
-        kstep.track_lambda_max(loss_fn, every=50),
-        kstep.track_batch_sharpness(loss_fn, every=5, learning_rate=0.05),
-    )
-    updates, state = opt.update(grads, state, params, batch=batch)
-    kstep.stats(state)  # {"lambda_max": ..., "batch_sharpness": ..., "edge_ratio": ..., ...}
+>>> import jax, jax.numpy as jnp, optax, kstep
+>>> apply_fn = lambda p, batch: batch["x"] @ p["w"]
+>>> loss_fn = lambda p, batch: 0.5 * jnp.mean(jnp.sum((apply_fn(p, batch) - batch["y"]) ** 2, -1))
+>>> batch = {"x": jnp.diag(jnp.array([1.0, 2.0, 3.0, 4.0])), "y": jnp.ones((4, 1))}
+>>> params = {"w": jnp.zeros((4, 1))}
+>>> opt = optax.chain(
+...     optax.sgd(0.05, momentum=0.9),
+...     kstep.track_lambda_max(loss_fn, every=50, learning_rate=0.05, momentum=0.9),
+...     kstep.track_batch_sharpness(loss_fn, every=5, learning_rate=0.05, momentum=0.9),
+... )
+>>> state = opt.init(params)
+>>> grads = jax.grad(loss_fn)(params, batch)
+>>> updates, state = opt.update(grads, state, params, batch=batch)
+>>> s = kstep.stats(state)
+>>> round(float(s["lambda_max"]), 4)  # the top of XᵀX / B = diag(1, 4, 9, 16) / 4
+4.0
+>>> round(float(optax.tree.get(state, "lambda_max_edge_ratio")), 4)  # 0.05 · 4 / (2 · 1.9)
+0.0526
+>>> round(float(s["batch_sharpness"]), 4)  # gᵀHg / ‖g‖² with g ∝ (1, 2, 3, 4): 354 / 120
+2.95
+>>> round(float(s["batch_sharpness_edge_ratio_small_batch"]), 4)  # 0.05 · 2.95 / (2 · 0.1)
+0.7375
+>>> round(float(s["batch_sharpness_edge_ratio_large_batch"]), 4)  # 0.05 · 2.95 / (2 · 1.9)
+0.0388
 
 ``update`` needs ``params`` (the parameters the gradients were taken at) and the extra keyword
 ``batch=`` (``optax.chain`` forwards extra keywords to every member); :func:`track_lambda_max`
 also accepts a fixed ``measure_batch=`` (e.g. the whole training set). Measurements happen on
 update 0, ``every``, ``2·every``, … inside a ``lax.cond``: nothing leaves the device and the other
 updates cost nothing beyond a few scalar operations. A measurement that comes out NaN or ±Inf is
-dropped: the reported values keep their previous (finite) values and ``*_num_skipped`` counts it.
+dropped: the reported values keep their previous values (NaN before the first valid measurement:
+never a plausible-looking 0) and ``*_num_skipped`` counts it.
 
 Names are unique across the three trackers, so all three fit in one chain. The K controller
 (:func:`kstep.scale_by_k_control`) also reports ``k``: with both in one state, :func:`kstep.stats`
