@@ -634,9 +634,32 @@ def test_eoss_short():
   rec = eos.train(data, learning_rate=lr, batch_size=16, steps=1500, log_every=100,
                   lambda_every=500)
   s = eos.summarize(rec, lr, tail=1 / 3)  # last 500 steps; seeds 0-2: 0.97-0.99 and 0.37-0.38
-  assert 0.75 <= s["batch_sharpness/edge"] <= 1.25, s
+  assert 0.75 <= s["batch_sharpness/small_batch_edge"] <= 1.25, s
   assert s["lambda_max/edge"] < 0.75, s
   assert np.all(rec["lambda_max"][-5:] < 2.0 / lr)
+  # The tracker's own ratio (η·BS/2 without momentum) is the summary's, record by record.
+  np.testing.assert_allclose(rec["batch_sharpness_edge_ratio_small_batch"],
+                             lr * rec["batch_sharpness"] / 2, rtol=1e-6)
+
+
+def test_eoss_short_with_momentum():
+  """EoSS with heavy-ball momentum, short: at μ = 0.9 and step η = 0.04 (the effective step
+  η/(1 − μ) of the run above) Batch Sharpness plateaus at the small-batch edge 2(1 − μ)/η, a
+  tenth of 2/η and far below the large-batch edge 2(1 + μ)/η (measured 0.99 and 0.05 of them);
+  λ_max at 0.03 of its edge 2(1 + μ)/η."""
+  eos = _example()
+  lr, mu = 0.04, 0.9
+  data = eos.make_data(500, kind="random", dim=256)
+  rec = eos.train(data, learning_rate=lr, batch_size=16, steps=1500, log_every=100,
+                  lambda_every=500, momentum=mu)
+  s = eos.summarize(rec, lr, tail=1 / 3, momentum=mu)
+  assert 0.75 <= s["batch_sharpness/small_batch_edge"] <= 1.25, s
+  assert s["batch_sharpness/large_batch_edge"] < 0.2, s
+  assert s["lambda_max/edge"] < 0.2, s
+  np.testing.assert_allclose(rec["batch_sharpness_edge_ratio_small_batch"],
+                             lr * rec["batch_sharpness"] / (2 * (1 - mu)), rtol=1e-6)
+  np.testing.assert_allclose(rec["lambda_max_edge_ratio"],
+                             lr * rec["lambda_max"] / (2 * (1 + mu)), rtol=1e-6)
 
 
 def _eoss_runs(eos, seed):
@@ -644,15 +667,15 @@ def _eoss_runs(eos, seed):
   _, _, lr, steps, batch_sizes, n = eos.DEFAULTS["generated"]
   data = eos.make_data(n, kind="random", seed=seed)
   return lr, {
-      b: eos.summarize(eos.train(data, learning_rate=lr, batch_size=b, steps=steps,
-                                 log_every=100, seed=seed), lr)
+      b: eos.summarize(eos.train(data, learning_rate=lr, batch_size=b, steps=steps, seed=seed,
+                                 **eos.SGD_LOG), lr)
       for b in batch_sizes
   }
 
 
 def _assert_eoss(runs):
   for b, s in runs.items():
-    assert 0.75 <= s["batch_sharpness/edge"] <= 1.25, (b, s)
+    assert 0.75 <= s["batch_sharpness/small_batch_edge"] <= 1.25, (b, s)
     assert s["lambda_max/edge"] < 0.75, (b, s)
   lams = [s["lambda_max/edge"] for s in runs.values()]
   # λ_max is lower for smaller batches (EoSS), strictly.
@@ -660,15 +683,17 @@ def _assert_eoss(runs):
 
 
 def test_eoss_example_defaults_lambda_max_increases_with_batch_size():
-  """The example's SGD runs, seed 0 (about 15 s): Batch Sharpness at 2/η for B = 8, 16, 32,
-  λ_max below it and increasing in B (measured 0.23, 0.30, 0.42 of 2/η)."""
+  """The example's SGD runs, seed 0 (about 30 s on 2 cores): Batch Sharpness at 2/η for B = 8,
+  16, 32, λ_max below it and increasing in B (measured 0.23, 0.30, 0.42 of 2/η)."""
   _, runs = _eoss_runs(_example(), seed=0)
   _assert_eoss(runs)
 
 
 @pytest.mark.slow
 def test_eos_and_eoss_example_settings():
-  """The example's default settings: EoS under GD, EoSS for B = 8, 16, 32 over three seeds."""
+  """The example's default settings: EoS under GD, EoSS for B = 8, 16, 32 over three seeds, and
+  the momentum run at its small-batch edge 2(1 − μ)/η (measured 0.97-0.98 of it, 0.05 of the
+  large-batch edge, λ_max at 0.02 of 2(1 + μ)/η; seeds 0-4)."""
   eos = _example()
   gd_lr, gd_steps = eos.DEFAULTS["generated"][:2]
   rec = eos.train(eos.make_data(1000, kind="teacher"), learning_rate=gd_lr, batch_size=None,
@@ -678,3 +703,12 @@ def test_eos_and_eoss_example_settings():
   # Measured λ_max/(2/η): 0.23, 0.30, 0.42 / 0.26, 0.29, 0.41 / 0.26, 0.30, 0.42 (seeds 0, 1, 2).
   for seed in (1, 2):  # seed 0: the fast test above
     _assert_eoss(_eoss_runs(eos, seed)[1])
+  sgd_lr, steps, _, n = eos.DEFAULTS["generated"][2:]
+  mu, lr = eos.MOMENTUM, sgd_lr * (1 - eos.MOMENTUM)
+  for seed in (0, 1):
+    rec = eos.train(eos.make_data(n, kind="random", seed=seed), learning_rate=lr,
+                    batch_size=eos.MOMENTUM_BATCH_SIZE, steps=steps, momentum=mu, seed=seed,
+                    **eos.SGD_LOG)
+    s = eos.summarize(rec, lr, momentum=mu)
+    assert 0.9 <= s["batch_sharpness/small_batch_edge"] <= 1.1, (seed, s)
+    assert s["batch_sharpness/large_batch_edge"] < 0.1 and s["lambda_max/edge"] < 0.1, (seed, s)
