@@ -213,6 +213,13 @@ def lambda_max(
 
   Raises:
     ValueError: ``num_iters`` < 1, or complex ``params``.
+
+  Example:
+    >>> import jax.numpy as jnp, kstep
+    >>> loss_fn = lambda p, batch: 0.5 * jnp.sum(batch * p**2)  # Hessian diag(batch)
+    >>> res = kstep.lambda_max(loss_fn, jnp.ones(3), jnp.array([-5.0, 1.0, 2.0]), num_iters=3)
+    >>> round(float(res.value), 4)  # the largest algebraic eigenvalue, not the largest |λ|
+    2.0
   """
   arguments.check_int("num_iters", num_iters)
   arguments.check_real_params(params, "lambda_max")

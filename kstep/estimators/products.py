@@ -27,6 +27,12 @@ def hvp(
 
   With ``axis_name``, the Hessian of the mean of the devices' losses (one all-reduce of P floats).
   Complex ``params`` raise a ``ValueError``.
+
+  Example:
+    >>> import jax.numpy as jnp, kstep
+    >>> loss_fn = lambda p, batch: jnp.sum(p[0] ** 2 * p[1])  # Hessian [[2 p1, 2 p0], [2 p0, 0]]
+    >>> kstep.hvp(loss_fn, jnp.array([1.0, 3.0]), None, jnp.array([1.0, 0.0])).tolist()
+    [6.0, 2.0]
   """
   arguments.check_real_params(params, "hvp")
   primal, tangent = data_axis.local((params, v), axis_name)

@@ -49,6 +49,16 @@ def batch_sharpness(
   of 0. With ``axis_name`` (inside ``shard_map``/``pmap``) every batch is split over the devices
   along its second axis (each device holds ``(M, B/n, ...)``). Complex ``params`` raise a
   ``ValueError``.
+
+  Example:
+    >>> import jax.numpy as jnp, kstep
+    >>> loss_fn = lambda p, h: 0.5 * jnp.sum(h * p**2)  # batch m: H = diag(h_m), g = h_m · p
+    >>> batches = jnp.array([[1.0, 3.0], [2.0, 2.0]])  # M = 2 batches stacked
+    >>> bs = kstep.batch_sharpness(loss_fn, jnp.ones(2), batches)
+    >>> round(float(bs.value), 4)  # (28 + 16) / (10 + 8)
+    2.4444
+    >>> [round(float(c), 4) for c in bs.curvature], [round(float(d), 4) for d in bs.grad_sq_norm]
+    ([28.0, 16.0], [10.0, 8.0])
   """
   arguments.check_real_params(params, "batch_sharpness")
   if reduction not in ("ratio_of_means", "mean_of_ratios"):
