@@ -173,7 +173,7 @@ def test_track_k_beside_controller_collides_in_stats(params):
   state = opt.init(params)
   with pytest.raises(ValueError, match="'k'"):
     kstep.stats(state)
-  assert optax.tree.get(state[1], "k") == 0.0
+  assert np.isnan(optax.tree.get(state[1], "k"))  # no measurement yet: NaN, not a plausible 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -350,9 +350,12 @@ def test_k_matches_k_from_trace_with_exact_trace(params):
     updates, state = step(p, state, batch)
     p = optax.apply_updates(p, updates)
     s = kstep.stats(state)
+    c = int(s["k_num_outputs"])  # "mse" defaults to K per output: S = T / C
+    assert c == params[-1]["w"].shape[1]
     np.testing.assert_allclose(s["k_trace"], trace, rtol=1e-4)
+    np.testing.assert_allclose(s["k_scale"], trace / c, rtol=1e-4)
     np.testing.assert_allclose(s["k_learning_rate"], lr(t), rtol=1e-6)
-    expected = noise_kernel.k_from_trace(lr(t), 8, trace, momentum)
+    expected = noise_kernel.k_from_trace(lr(t), 8, trace / c, momentum)
     np.testing.assert_allclose(s["k"], expected, rtol=1e-4)
   assert int(s["k_num_measurements"]) == 2
 
@@ -360,12 +363,14 @@ def test_k_matches_k_from_trace_with_exact_trace(params):
 def test_k_hutchinson_agrees_with_core_estimator(chained, batches):
   # `chained` measured on step 4 (batch 4, params before update 4) with key fold_in(seed 0, 4).
   state = chained["states"][-1][K]
-  key = jax.random.fold_in(jax.random.PRNGKey(0), 4)
+  # The trace's probes use the first half of the estimate's key (k_estimate.estimate).
+  key = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(0), 4), 2)[0]
   core = jax.jit(lambda p, b: estimators.gauss_newton_trace(apply_fn, p, b, key=key,
                                                             num_probes=2))(
       chained["history"][4], batches[4])
   np.testing.assert_allclose(state.k_trace_raw, core.value, rtol=1e-5)
-  expected = noise_kernel.k_from_trace(LR(4), 8, state.k_trace, 0.0)
+  c = int(state.k_num_outputs)
+  expected = noise_kernel.k_from_trace(LR(4), 8, state.k_trace / c, 0.0)
   np.testing.assert_allclose(state.k, expected, rtol=1e-5)
   np.testing.assert_allclose(state.k_learning_rate, LR(4), rtol=1e-6)
 
