@@ -5,7 +5,6 @@ params of any pytree structure and float dtype, and accumulate in float32. Per-e
 chunked with ``jax.lax.map(..., batch_size=chunk_size)`` so memory stays bounded.
 """
 
-from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple
 
