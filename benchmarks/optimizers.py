@@ -45,7 +45,8 @@ LABELS = {
     "polyak_sgd": "polyak_sgd (LR-free, f*=0, max LR 1)",
 }
 # Short names for tables.
-SHORT = {"kstep_anneal": "kstep (annealed)", "kstep_warmup": "kstep (warmup+annealed)", "kstep": "kstep (constant band)",
+SHORT = {"kstep_anneal": "kstep (annealed)", "kstep_warmup": "kstep (warmup+annealed)",
+         "kstep": "kstep (constant band)",
          "schedule_free": "schedule-free", "warmup_cosine": "warmup-cosine",
          "polyak_sgd": "polyak_sgd", "prodigy": "prodigy", "dog": "DoG"}
 # Trajectory keys recorded for the kstep rows when the controller reports them; the first name

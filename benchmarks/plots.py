@@ -15,7 +15,8 @@ import numpy as np  # noqa: E402
 from benchmarks import analysis, optimizers  # noqa: E402
 
 COLORS = {"sgd": "tab:gray", "cosine": "tab:blue", "warmup_cosine": "tab:cyan",
-          "kstep_anneal": "tab:red", "kstep_warmup": "tab:purple", "kstep": "tab:orange", "kstep_cosine": "gold",
+          "kstep_anneal": "tab:red", "kstep_warmup": "tab:pink", "kstep": "tab:orange",
+          "kstep_cosine": "gold",
           "schedule_free": "tab:green", "prodigy": "tab:purple", "dog": "tab:brown",
           "polyak_sgd": "tab:olive"}
 
