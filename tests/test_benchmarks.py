@@ -41,6 +41,7 @@ def _gap_from_jsons(root: pathlib.Path, batch_size: int) -> float:
   return kstep - cosine
 
 
+@pytest.mark.slow
 @needs_decay_steps
 def test_digits_sweep_reports_parity_by_batch_size(tmp_path, capsys):
   args = RUN + ["--results-dir", str(tmp_path)]

@@ -475,6 +475,7 @@ def stack(trees):
   return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
 
+@pytest.mark.slow
 def test_lax_scan_over_steps_matches_python_loop():
   opt = kstep.k_controlled_sgd(
       10.0, batch_size=B, apply_fn=linear_apply, every=3, momentum=0.9, seed=1
@@ -491,6 +492,7 @@ def test_lax_scan_over_steps_matches_python_loop():
   assert avals(s_scan) == avals(s_loop)
 
 
+@pytest.mark.slow
 def test_vmap_over_seeds_and_param_inits():
   n = 4
   batches = stack([make_batch(t) for t in range(6)])
@@ -521,6 +523,7 @@ def test_vmap_over_seeds_and_param_inits():
   np.testing.assert_allclose(np.asarray(h_vm["k"]), BAND[1], rtol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_updates_keep_the_params_dtype(dtype):
   # The defaults: the per-output band, the guard on (its vector is float32 whatever the params).
@@ -635,6 +638,7 @@ def mlp_steps(params, state, batches):
   return params, state, history
 
 
+@pytest.mark.slow
 def test_same_seed_gives_bitwise_identical_trajectory():
   batches = classification_batches(10)
   params = mlp_init(0, (D, 16, C))
@@ -890,6 +894,7 @@ def test_nan_outputs_with_cross_entropy_floor_are_skipped():
   assert all_finite(params)
 
 
+@pytest.mark.slow
 def test_trace_floor_auto():
   assert control._resolve_trace_floor("auto", "softmax_cross_entropy") == 0.03
   assert control._resolve_trace_floor("auto", "sigmoid_binary_cross_entropy") == 0.03
@@ -1038,6 +1043,7 @@ def regression_run(apply_fn, batch_size, num_steps, config):
   return train, 0.5 * float(np.var(data["y"]))
 
 
+@pytest.mark.slow
 def test_converges_on_a_small_regression_problem():
   # The defaults: one output, so the per-output band (0.25, 0.4) is the band on the trace, and
   # the guard on. The old default, the band (0.4, 0.8) on the trace with no guard, sits at this
@@ -1149,6 +1155,7 @@ def check_digits(digits, kind, learning_rates, num_steps):
   assert not np.isfinite(train_loss) or accuracy < 0.2, (kind, train_loss, accuracy)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["mse", "cross_entropy"])
 def test_digits_k_stays_in_band_for_any_base_lr(digits, kind):
   # Measured (2,000 steps): MSE accuracy 0.990-0.992, train loss 0.004-0.013; CE accuracy
@@ -1377,6 +1384,7 @@ def test_injected_state_has_the_plain_tree(weight_decay):
   assert avals(state) == avals(injected.init(params))
 
 
+@pytest.mark.slow
 def test_k_controlled_sgd_docstring_example_runs():
   out = io.StringIO()
   runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)

@@ -58,7 +58,9 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", [
+    c if c.startswith("C2") else pytest.param(c, marks=pytest.mark.slow) for c in CASES
+])
 def test_max_output_k_is_one_at_the_simulated_edge(case):
   s = CASES[case]
   n, p, batch = 100, 120, 5
@@ -159,6 +161,7 @@ def _train(opt, steps, batch_size=1024, seed=0):
   return history
 
 
+@pytest.mark.slow
 def test_guard_keeps_large_batch_training_finite_and_off_it_diverges():
   make = lambda ratio: kstep.k_controlled_sgd(
       3.0, apply_fn=_mlp, target=(0.3, 0.6), max_sharpness_ratio=ratio)

@@ -63,6 +63,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_example_on_two_processes_matches_one_device(tmp_path):
   """examples/data_parallel.py as a two-host run: two processes of 4 CPU devices each, joined by
   jax.distributed (gloo), each handing its own rows of every batch to the global arrays."""

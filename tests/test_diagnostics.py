@@ -132,6 +132,7 @@ def chained(params, batches, fixed):
 # Pass-through and jit hygiene.
 
 
+@pytest.mark.slow
 def test_updates_bitwise_identical(reference, chained):
   # Same params after every step (measurement steps 0, 2, 4 and the others) as plain optax.sgd.
   for a, b in zip(reference, chained["history"]):
@@ -296,6 +297,7 @@ def test_batch_sharpness_edge_ratios_with_momentum(params):
   np.testing.assert_allclose(s["batch_sharpness_edge_ratio_large_batch"], lr * bs / 3.8, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_lambda_max_edge_ratio_with_momentum_and_schedule(params, fixed):
   """η·λ_max / (2(1 + μ)) with η the schedule's value at each update and λ_max the dense top
   eigenvalue on the measure batch at the last measurement; NaN without a learning rate."""
@@ -387,6 +389,7 @@ def test_eigenvector_float32_for_bf16_params(params):
 # Failure handling and argument checks.
 
 
+@pytest.mark.slow
 def test_non_finite_measurements_are_skipped(params):
   batches = make_batches(3, 8)
   batches[1] = {"x": batches[1]["x"].at[0, 0].set(jnp.nan), "y": batches[1]["y"]}
@@ -575,6 +578,7 @@ def _run_tracker(opt, params, batches, state=None):
   return params, state
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(INJECTED))
 def test_inject_hyperparams_matches_plain_tracker(params, batches, name):
   factory, static, kwargs = INJECTED[name]
@@ -595,6 +599,7 @@ def test_inject_hyperparams_matches_plain_tracker(params, batches, name):
     ("batch_sharpness", "batch_sharpness_edge_ratio_large_batch"),
     ("lambda_max", "lambda_max_edge_ratio"), ("k", "k"),
 ])
+@pytest.mark.slow
 def test_injected_learning_rate_changes_edge_ratio_and_k(params, batches, name, field):
   factory, static, kwargs = INJECTED[name]
   opt = optax.inject_hyperparams(factory, static_args=static)(**kwargs)
@@ -631,6 +636,7 @@ def _example():
   return load_example("edge_of_stability")
 
 
+@pytest.mark.slow
 def test_eoss_short():
   """EoSS, short: SGD (B = 16) drives Batch Sharpness to 2/η while λ_max stays far below."""
   eos = _example()
@@ -647,6 +653,7 @@ def test_eoss_short():
                              lr * rec["batch_sharpness"] / 2, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_eoss_short_with_momentum():
   """EoSS with heavy-ball momentum, short: at μ = 0.9 and step η = 0.04 (the effective step
   η/(1 − μ) of the run above) Batch Sharpness plateaus at the small-batch edge 2(1 − μ)/η, a
@@ -687,6 +694,7 @@ def _assert_eoss(runs):
   assert all(a < b for a, b in zip(lams, lams[1:])), lams
 
 
+@pytest.mark.slow
 def test_eoss_example_defaults_lambda_max_increases_with_batch_size():
   """The example's SGD runs, seed 0 (about 30 s on 2 cores): Batch Sharpness at 2/η for B = 8,
   16, 32, λ_max below it and increasing in B (measured 0.23, 0.30, 0.42 of 2/η)."""

@@ -359,6 +359,7 @@ def weighted_sq(out, batch):
   return 1.5 * (out - batch["y"][:, 0]) ** 2
 
 
+@pytest.mark.slow
 def test_scalar_output_model():
   params, batch, jac, outputs = scalar_setup()
   assert outputs.shape == (N_SCALAR,)
@@ -778,6 +779,7 @@ COMPLEX_CALLS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(COMPLEX_CALLS))
 def test_complex_params_are_rejected_naming_params(name):
   apply_fn = lambda p, b: jnp.real(b["x"] @ p["w"])

@@ -12,9 +12,12 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 CASES = pathlib.Path(__file__).with_name("explicit_mesh_cases.py")
 
 
+@pytest.mark.slow
 def test_explicit_mesh_cases_on_8_simulated_devices():
   env = dict(os.environ)
   env["XLA_FLAGS"] = (

@@ -92,6 +92,7 @@ def run(opt, steps=3, params=None, state=None, first=0):
   return params, state, updates
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(FACTORIES))
 def test_injected_equals_plain_without_static_args(name):
   plain = run(build(name, inject=False))
@@ -135,6 +136,7 @@ def test_controller_state_tree_matches_plain_for_either_momentum(momentum):
   assert ("momentum" in injected.init(params).hyperparams) == (momentum != 0.0)
 
 
+@pytest.mark.slow
 def test_injected_learning_rate_changes_the_controller_step():
   """With a band every LR passes, the step is η·g (momentum 0): doubling the injected η doubles
   the update and K (K ∝ η)."""

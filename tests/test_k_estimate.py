@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import kstep
 from kstep import k_estimate, losses
@@ -21,6 +22,7 @@ PARAMS = {"w0": jnp.asarray(rng.normal(size=(D, 12)) / np.sqrt(D), jnp.float32),
 BATCH = {"x": jnp.asarray(rng.normal(size=(B, D)), jnp.float32)}
 
 
+@pytest.mark.slow
 def test_probe_rows_strided_and_unbiased_for_the_batch_trace():
   with_scalar = {**BATCH, "lr": jnp.float32(0.1)}
   sub = k_estimate.probe_rows(mlp, PARAMS, with_scalar, 4)
@@ -47,6 +49,7 @@ def test_trace_pair_from_one_batched_vjp_is_unbiased():
     assert est.stderr < 0.1 * exact
 
 
+@pytest.mark.slow
 def test_power_steps_converge_to_the_gauss_newton_top_eigenvalue():
   lin = linearization.linearize(mlp, PARAMS, BATCH)
   mse = losses.resolve_loss("mse")

@@ -515,6 +515,7 @@ def test_fig1_momentum_edge_is_k_tr_one(momentum):
 # jit, rank deficiency.
 
 
+@pytest.mark.slow
 def test_jit():
   ntk = _ntk("flat", n=30)
   lam = np.linalg.eigvalsh(ntk)

@@ -226,6 +226,7 @@ def _check_measurements(name: str, problem: Problem, params, state) -> None:
     assert 0 < float(s["k"]) < 1 and int(s["k_num_skipped"]) == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("problem", PROBLEMS, ids=lambda p: p.name)
 @pytest.mark.parametrize("name", NAMES)
 def test_minimises_parabola_and_rosenbrock(name, problem):
@@ -273,6 +274,7 @@ def _inner(name, state):
   return state.inner_state if name == "k_controlled_sgd" else (state[0], state[1].inner_state)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_inject_hyperparams_equals_plain(name):
   """optax's own wrapper, given the static arguments kstep lists (``kstep.inject_hyperparams``
@@ -296,6 +298,7 @@ def test_inject_hyperparams_equals_plain(name):
 DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
 @pytest.mark.parametrize("name", NAMES)
 def test_dtypes_kept_and_state_stable_through_lax_cond(name, dtype):
@@ -331,6 +334,7 @@ def test_dtypes_kept_and_state_stable_through_lax_cond(name, dtype):
 # Wrappers: MultiSteps (test_gradient_accumulation) and apply_if_finite.
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_multi_steps(name):
   """Three zero updates, then the plain optimizer's first update on the mean gradient; in
@@ -354,6 +358,7 @@ def test_multi_steps(name):
   assert_trees_close(kstep.stats(state), kstep.stats(ref_state), rtol=tol, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_apply_if_finite(name):
   """A NaN gradient is skipped (zero update, inner state untouched); the next finite one gives
@@ -394,6 +399,7 @@ def test_learning_rate_is_annotated_as_a_schedule(name):
   assert raw == hint
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", SCHEDULED)
 def test_learning_rate_schedule_equals_the_constant(name):
   opt = make(name, learning_rate=optax.constant_schedule(LR))

@@ -64,6 +64,7 @@ def softmax_hessians(outputs):
   return np.stack([np.diag(q) - np.outer(q, q) for q in p])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("apply_fn", [mlp_apply, UNEQUAL], ids=["mlp", "unequal"])
 def test_exact_matches_dense_jacobians_mse(apply_fn):
   ref = dense_m(apply_fn, PARAMS, BATCH)
@@ -121,6 +122,7 @@ def test_max_output_at_least_per_output_and_equal_when_isotropic():
   np.testing.assert_allclose(lam[-1], np.trace(iso) / C, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_scalar_outputs_give_the_trace():
   scalar = lambda p, b: mlp_apply(p, b)[:, 0]
   m = kstep.output_kernel(scalar, PARAMS, BATCH, method="exact").matrix
