@@ -276,8 +276,7 @@ def scale_by_k_control(
     raise ValueError(f"`max_change` must be > 1; got {max_change!r}.")
   _check_optional("max_scale", max_scale, 0.0)
   trace_floor = _resolve_trace_floor(trace_floor, loss)
-  if isinstance(seed, bool) or not isinstance(seed, (numbers.Integral, jax.Array)):
-    raise ValueError(f"`seed` must be an int; got {seed!r}.")
+  arguments.check_seed(seed)
   guard = max_sharpness_ratio is not None
   spec = losses.resolve_loss(loss)
   lo_sched, hi_sched = target
@@ -287,7 +286,7 @@ def scale_by_k_control(
     arguments.check_real_params(params, "k_controlled_sgd")
     nan = jnp.full((), jnp.nan, jnp.float32)
     izero = jnp.zeros((), jnp.int32)
-    key = jax.random.PRNGKey(seed)
+    key = arguments.prng_key(seed)
     vector = estimators.random_unit(jax.random.split(key)[1], params) if guard else ()
     return ScaleByKControlState(
         count=izero, key=key, k=nan, k_scale=nan, k_trace=nan, k_trace_raw=nan,

@@ -138,3 +138,16 @@ def test_bad_arguments():
     kstep.output_kernel(mlp_apply, PARAMS, BATCH)
   with pytest.raises(ValueError, match="num_probes"):
     kstep.output_kernel(mlp_apply, PARAMS, BATCH, key=jax.random.PRNGKey(0), num_probes=0)
+
+
+def test_a_callable_named_mse_keeps_its_own_hessian():
+  def mse(out, batch):  # averages over the outputs: H = 2I/C, not I
+    return jnp.mean(jnp.square(out), axis=-1)
+
+  ref = dense_m(mlp_apply, PARAMS, BATCH) * 2.0 / C
+  np.testing.assert_allclose(
+      kstep.output_kernel(mlp_apply, PARAMS, BATCH, loss=mse, method="exact").matrix, ref,
+      rtol=1e-5, atol=1e-6)
+  est = kstep.output_kernel(mlp_apply, PARAMS, BATCH, loss=mse, key=jax.random.PRNGKey(0),
+                            num_probes=2000)
+  assert np.all(np.abs(np.asarray(est.matrix) - ref) < 4.5 * np.asarray(est.stderr) + 1e-6)

@@ -133,7 +133,7 @@ def track_k(
     raise ValueError(f"`estimator` must be one of {estimators.METHODS}; got {estimator!r}.")
   estimators.check_probe_scope(probe_scope, axis_name)
   arguments.check_decay(decay)
-  arguments.prng_key(seed)  # checks the seed; the key itself is made in init
+  arguments.check_seed(seed)  # the key itself is made in init
   every = arguments.static_or_traced_int(every)
 
   def init_fn(params: PyTree) -> TrackKState:

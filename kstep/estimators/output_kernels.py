@@ -44,11 +44,14 @@ class OutputKernel(NamedTuple):
   stderr: Array
 
 
-def _hessian_sqrt(spec: losses.OutputLoss, outputs: Array, batch: Any) -> Array | None:
-  """``H_i^{1/2}`` per example, ``(b, C, C)``; None where ``H_i = I`` (``"mse"``)."""
-  if spec.name == "mse":
-    return None
-  lam, vec = jnp.linalg.eigh(spec.hessian(outputs, batch))
+def _unit_hessian(spec: losses.OutputLoss) -> bool:
+  """True for the named ``"mse"`` (H_i = I), not for a callable that happens to be called so."""
+  return spec.name == "mse" and spec.per_example is None
+
+
+def _sqrt_psd(h: Array) -> Array:
+  """The symmetric square roots of PSD blocks ``(b, C, C)``."""
+  lam, vec = jnp.linalg.eigh(h)
   root = jnp.sqrt(jnp.maximum(lam, 0.0))
   return jnp.einsum("bij,bj,bkj->bik", vec, root, vec)
 
@@ -76,7 +79,8 @@ def linearized_output_kernel(
   """:func:`output_kernel` by probes on an already linearised model (no forward pass)."""
   spec = loss.for_output_shape(lin.out_shape)
   c = lin.outputs.shape[1]
-  root = _hessian_sqrt(spec, lin.outputs, batch)
+  # H_i^{1/2} per example; None where H_i = I ("mse").
+  root = None if _unit_hessian(spec) else _sqrt_psd(spec.hessian(lin.outputs, batch))
   cols = jnp.eye(c, dtype=jnp.float32)
   per_shard = probe_scope == "per_shard"
   rademacher = lambda k, shape: jax.random.rademacher(k, shape, dtype=jnp.float32)
@@ -157,14 +161,10 @@ def output_kernel(
   data_axis.check_probe_scope(probe_scope, axis_name)
   spec = losses.resolve_loss(loss)
   if method == "exact":
-    params = data_axis.local(params, axis_name)
-    outputs = apply_fn(params, batch)
-    b = outputs.shape[0]
-    b_total, _ = data_axis.global_rows(b, axis_name)
-    spec = spec.for_output_shape(outputs.shape)
-    kernels = traces.per_example_ntk(apply_fn, params, batch, chunk_size)
-    root = _hessian_sqrt(spec, outputs.reshape(b, -1), batch)
-    if root is not None:
+    kernels, h, b_total = traces.exact_kernels(apply_fn, params, batch, spec, chunk_size,
+                                               axis_name)
+    if not _unit_hessian(spec):
+      root = _sqrt_psd(h)
       kernels = root @ kernels @ root
     matrix = data_axis.psum(jnp.sum(kernels, axis=0), axis_name) / b_total
     return OutputKernel((matrix + matrix.T) / 2, jnp.zeros_like(matrix))

@@ -62,6 +62,20 @@ def per_example_ntk(apply_fn: ApplyFn, params: PyTree, batch: Any, chunk_size: i
   return jax.lax.map(one, batch, batch_size=chunk_size)
 
 
+def exact_kernels(apply_fn: ApplyFn, params: PyTree, batch: Any, loss: losses.OutputLoss,
+                  chunk_size: int, axis_name: AxisName = None):
+  """For ``method="exact"``: ``(K, H, B)`` with ``K`` the per-example output kernels
+  ``J_i J_iᵀ`` (``(b, C, C)``, this device's rows), ``H`` the loss's output Hessians on the same
+  rows and ``B`` the global batch size."""
+  params = data_axis.local(params, axis_name)
+  outputs = apply_fn(params, batch)
+  b = outputs.shape[0]
+  b_total, _ = data_axis.global_rows(b, axis_name)
+  spec = loss.for_output_shape(outputs.shape)
+  kernels = per_example_ntk(apply_fn, params, batch, chunk_size)
+  return kernels, spec.hessian(outputs.reshape(b, -1), batch), b_total
+
+
 def gauss_newton_trace(
     apply_fn: ApplyFn,
     params: PyTree,
@@ -125,13 +139,7 @@ def gauss_newton_trace(
   data_axis.check_probe_scope(probe_scope, axis_name)
   spec = losses.resolve_loss(loss)
   if method == "exact":
-    params = data_axis.local(params, axis_name)
-    outputs = apply_fn(params, batch)
-    b = outputs.shape[0]
-    b_total, _ = data_axis.global_rows(b, axis_name)
-    spec = spec.for_output_shape(outputs.shape)
-    kernels = per_example_ntk(apply_fn, params, batch, chunk_size)
-    h = spec.hessian(outputs.reshape(b, -1), batch)
+    kernels, h, b_total = exact_kernels(apply_fn, params, batch, spec, chunk_size, axis_name)
     # Σ_i tr(H_i K_i), both symmetric.
     value = data_axis.psum(jnp.sum(h * kernels), axis_name) / b_total
     return TraceEstimate(value.astype(jnp.float32), jnp.zeros((), jnp.float32))
