@@ -43,6 +43,9 @@ FIRST_POWER_ITERS = 20
 FIRST_PROBES = 8
 SHARPNESS_HOLD = 0.8
 DEFAULT_PROBE_BATCH_SIZE = 32
+# One warm power step per estimate: its VJP rides with the probes' (k_estimate); a second one
+# measured +0.5 SGD steps per estimate (MNIST MLP, CE, B=128, CPU; benchmarks/overhead.py).
+DEFAULT_SHARPNESS_ITERS = 1
 
 
 class ScaleByKControlState(NamedTuple):
@@ -170,7 +173,7 @@ def scale_by_k_control(
     num_probes: int = 1,
     estimator: str = "hutchinson",
     max_sharpness_ratio: float | None = DEFAULT_MAX_SHARPNESS_RATIO,
-    sharpness_iters: int = 2,
+    sharpness_iters: int = DEFAULT_SHARPNESS_ITERS,
     probe_batch_size: int | None = DEFAULT_PROBE_BATCH_SIZE,
     decay_steps: int | None = None,
     band_decay: optax.Schedule | None = None,
@@ -214,8 +217,9 @@ def scale_by_k_control(
       steps): r = 0.5 trained at B = 256 and 1024; r = 1.0 diverged at B = 256 (the power
       iteration's λ lags behind a sharpening direction); r = 0.7 trained at B = 1024.
     sharpness_iters: power steps per estimate for λ_max (``FIRST_POWER_ITERS`` at the first).
-      Default 2: with 1 the warm-started λ fell behind and B = 1024 diverged at r = 0.5, also
-      on the whole batch; 2 and 3 trained.
+      Default 1 (its VJP batched with the probes'): with the λ hold, 1 and 2 trained the
+      digits MLP at B = 1024, base LR 1, 3 and 10, 3 seeds each, 100 steps, η·λ̂ held at 0.5·E
+      (before the hold, 1 had diverged there); a second step costs +0.5 SGD steps per estimate.
     probe_batch_size: estimate on every ``B // probe_batch_size``-th example of the batch (the
       trace, its floor and the guard's λ_max): T is a per-example mean, so a sub-batch is
       unbiased for it at a fraction of the cost; the sub-batch's Gauss–Newton λ_max is, if
@@ -421,7 +425,7 @@ def k_controlled_sgd(
     num_probes: int = 1,
     estimator: str = "hutchinson",
     max_sharpness_ratio: float | None = DEFAULT_MAX_SHARPNESS_RATIO,
-    sharpness_iters: int = 2,
+    sharpness_iters: int = DEFAULT_SHARPNESS_ITERS,
     probe_batch_size: int | None = DEFAULT_PROBE_BATCH_SIZE,
     decay_steps: int | None = None,
     band_decay: optax.Schedule | None = None,

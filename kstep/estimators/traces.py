@@ -215,6 +215,39 @@ def hutchinson_trace(
   return TraceEstimate(*sample_stats.mean_and_stderr(samples))
 
 
+def probe_cotangents(lin: linearization.LinearizedModel, specs: tuple[losses.OutputLoss, ...],
+                     batch: Any, key: Array, *, axis_name: AxisName = None,
+                     per_shard: bool = False) -> Array:
+  """One probe's cotangents ``(len(specs), b, C)`` (this device's rows), one per loss.
+
+  Each loss samples its own probe (``E[u_i u_iᵀ] = H_i``; loss j uses ``key`` folded with j,
+  so the losses' noises are independent). ``specs`` must be shaped for ``lin`` and have a
+  ``noise``.
+  """
+  out2d = lin.outputs
+  cotangents = []
+  for j, spec in enumerate(specs):
+    kj = key if j == 0 else jax.random.fold_in(key, j)
+    noise = draw_rows(spec.noise, kj, lin, out2d.shape[1], axis_name=axis_name,
+                      per_shard=per_shard)
+    cotangents.append(spec.probe(noise, out2d, batch))
+  return jnp.stack(cotangents)
+
+
+def probe_samples(vjps: PyTree, num_rows_total: int, *, axis_name: AxisName = None,
+                  per_shard: bool = False) -> Array:
+  """``‖Σ_i J_iᵀ u_i‖² / B`` for each of a stack of probes' VJPs (leading axis): the trace
+  samples. With ``per_shard`` the devices' squared norms are summed instead (see
+  :func:`gauss_newton_trace`)."""
+  sq = lambda tree: sum(
+      jnp.sum(jnp.square(x.astype(jnp.float32)), axis=tuple(range(1, x.ndim)))
+      for x in jax.tree.leaves(tree)
+  )
+  if per_shard:
+    return data_axis.psum(sq(vjps), axis_name) / num_rows_total
+  return sq(data_axis.psum(tm.f32(vjps), axis_name)) / num_rows_total
+
+
 def hutchinson_traces(
     lin: linearization.LinearizedModel,
     specs: tuple[losses.OutputLoss, ...],
@@ -228,29 +261,17 @@ def hutchinson_traces(
 ) -> tuple[TraceEstimate, ...]:
   """Traces of several named losses' Gauss–Newton matrices from shared probes' VJPs.
 
-  Per probe, each loss samples its own cotangent (independent noise: loss j uses the probe's key
-  folded with j) and one batched VJP (``vmap`` over the stacked cotangents) differentiates them
-  all: e.g. the Gauss–Newton trace and the trace floor's NTK trace in one pass.
+  Per probe, each loss samples its own cotangent (:func:`probe_cotangents`) and one batched VJP
+  (``vmap`` over the stacked cotangents) differentiates them all: e.g. the Gauss–Newton trace
+  and the trace floor's NTK trace in one pass.
   """
   specs = tuple(s.for_output_shape(lin.out_shape) for s in specs)
-  b_total, out2d = lin.num_rows_total, lin.outputs
   per_shard = probe_scope == "per_shard"
 
   def probe(k: Array) -> Array:
-    cotangents = []
-    for j, spec in enumerate(specs):
-      kj = k if j == 0 else jax.random.fold_in(k, j)
-      noise = draw_rows(spec.noise, kj, lin, out2d.shape[1], axis_name=axis_name,
-                        per_shard=per_shard)
-      cotangents.append(spec.probe(noise, out2d, batch))
-    g = jax.vmap(lin.vjp)(jnp.stack(cotangents))
-    sq = lambda tree: sum(
-        jnp.sum(jnp.square(x.astype(jnp.float32)), axis=tuple(range(1, x.ndim)))
-        for x in jax.tree.leaves(tree)
-    )
-    if per_shard:
-      return data_axis.psum(sq(g), axis_name) / b_total
-    return sq(data_axis.psum(tm.f32(g), axis_name)) / b_total
+    cotangents = probe_cotangents(lin, specs, batch, k, axis_name=axis_name, per_shard=per_shard)
+    return probe_samples(jax.vmap(lin.vjp)(cotangents), lin.num_rows_total,
+                         axis_name=axis_name, per_shard=per_shard)
 
   samples = _map_probes(probe, key, num_probes, chunk_size)  # (probes, losses)
   return tuple(TraceEstimate(*sample_stats.mean_and_stderr(samples[:, j]))
