@@ -36,7 +36,7 @@ MOMENTUM = 0.9
 # Variants at every=10, each one change from the defaults, to measure what each part costs.
 VARIANTS = {
     "noguard": dict(max_sharpness_ratio=None),
-    "iters2": dict(sharpness_iters=2),
+    "iters1": dict(sharpness_iters=1),
     "probe16": dict(probe_batch_size=16),
     "wholebatch": dict(probe_batch_size=None),
     "nofloor": dict(trace_floor=None),
@@ -125,7 +125,7 @@ def measure(problem: tasks.Problem, args: argparse.Namespace, path) -> dict:
       "task": problem.task, "scale": problem.scale, "loss": problem.loss,
       "batch_size": problem.batch_size, "chunk_steps": args.chunk, "rounds": args.rounds,
       "defaults": "k_controlled_sgd at its defaults (guard on, probe_batch_size=32, "
-                  "sharpness_iters=1); variants change one argument at every=10",
+                  "sharpness_iters=2); variants change one argument at every=10",
       "variants": {f"kstep_every10_{v}": VARIANTS[v] for v in args.variants},
       "note": "ratios are t(config)/t(optax.sgd) within one interleaved round; one estimate's "
               "cost in steps is ratio(every=1) - 1",

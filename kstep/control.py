@@ -43,9 +43,9 @@ FIRST_POWER_ITERS = 20
 FIRST_PROBES = 8
 SHARPNESS_HOLD = 0.8
 DEFAULT_PROBE_BATCH_SIZE = 32
-# One warm power step per estimate: its VJP rides with the probes' (k_estimate); a second one
-# measured +0.5 SGD steps per estimate (MNIST MLP, CE, B=128, CPU; benchmarks/overhead.py).
-DEFAULT_SHARPNESS_ITERS = 1
+# Two warm power steps per estimate (the last one's VJP rides with the probes', k_estimate); one
+# lost CE at B=1024 (see scale_by_k_control's docstring), a second costs ~0.5 SGD steps.
+DEFAULT_SHARPNESS_ITERS = 2
 
 
 class ScaleByKControlState(NamedTuple):
@@ -217,9 +217,11 @@ def scale_by_k_control(
       steps): r = 0.5 trained at B = 256 and 1024; r = 1.0 diverged at B = 256 (the power
       iteration's λ lags behind a sharpening direction); r = 0.7 trained at B = 1024.
     sharpness_iters: power steps per estimate for λ_max (``FIRST_POWER_ITERS`` at the first).
-      Default 1 (its VJP batched with the probes'): with the λ hold, 1 and 2 trained the
-      digits MLP at B = 1024, base LR 1, 3 and 10, 3 seeds each, 100 steps, η·λ̂ held at 0.5·E
-      (before the hold, 1 had diverged there); a second step costs +0.5 SGD steps per estimate.
+      Default 2, the last one's VJP batched with the probes'. With 1 (measured, digits MLP,
+      B = 1024, defaults + ``decay_steps``, 3 seeds, base LR 0.01/1/3): MSE trained, but CE
+      ended at 8–20% test accuracy at every LR (the warm vector lags the sharpening of the first
+      50 steps, λ̂ decays under the hold, the step overshoots; also with λ̂ = ‖G v̂‖); with 2,
+      0.94–0.99. A step costs about 0.5 SGD steps per estimate (MNIST MLP, CE, B = 128, CPU).
     probe_batch_size: estimate on every ``B // probe_batch_size``-th example of the batch (the
       trace, its floor and the guard's λ_max): T is a per-example mean, so a sub-batch is
       unbiased for it at a fraction of the cost; the sub-batch's Gauss–Newton λ_max is, if
