@@ -6,7 +6,7 @@ Every check raises ``ValueError`` naming the argument and its allowed range. Num
 """
 
 import numbers
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -143,3 +143,42 @@ def check_real_params(params: Any, who: str) -> None:
           f"kstep.{who}: `params` must be real; params{jax.tree_util.keystr(path)} has dtype "
           f"{dtype}. Split complex parameters into real and imaginary parts."
       )
+
+
+def check_band(target: Any) -> None:
+  """``target`` is a pair ``(lo, hi)`` of numbers (``0 < lo < hi``) or schedules."""
+  try:
+    lo, hi = target
+  except (TypeError, ValueError):
+    msg = f"`target` must be a pair (lo, hi) with 0 < lo < hi, or None; got {target!r}."
+    raise ValueError(msg) from None
+  if is_number(lo) and is_number(hi) and not 0 < float(lo) < float(hi):
+    raise ValueError(f"`target` must satisfy 0 < lo < hi; got ({lo!r}, {hi!r}).")
+  for end in (lo, hi):
+    if not (is_number(end) or callable(end) or isinstance(end, jax.Array)):
+      raise ValueError(f"`target` ends must be floats or schedules; got {end!r}.")
+
+
+def check_optional(name: str, value: Any, low: float, high: float | None = None) -> None:
+  """``value`` is None, traced, or a number in ``(low, high]`` (``high`` None: unbounded)."""
+  if value is None or is_traced_scalar(value):
+    return
+  bad = not is_number(value) or not float(value) > low
+  bad = bad or (high is not None and float(value) > high)
+  if bad:
+    rng = f"in ({low}, {high}]" if high is not None else f"> {low}"
+    raise ValueError(f"`{name}` must be a number {rng} or None; got {value!r}.")
+
+def band_decay_fn(decay_steps: Any, band_decay: Any) -> Callable[[Array], Array] | None:
+  """The band's decay d(t): a cosine from 1 to 0 over ``decay_steps``, ``band_decay`` itself, or
+  None (no decay); both given is an error."""
+  if decay_steps is not None and band_decay is not None:
+    raise ValueError("give `decay_steps` (a cosine to 0) or `band_decay` (a schedule), not both.")
+  if band_decay is not None:
+    if not callable(band_decay):
+      raise ValueError(f"`band_decay` must be an optax schedule of the step; got {band_decay!r}.")
+    return band_decay
+  if decay_steps is None:
+    return None
+  check_positive_int("decay_steps", decay_steps)
+  return optax.cosine_decay_schedule(1.0, decay_steps)

@@ -25,13 +25,14 @@ NaN until their first valid estimate.
 """
 
 import numbers
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from kstep import arguments, estimators, k_estimate, losses, noise_kernel
+from kstep.control_state import ScaleByKControlState
 from kstep.estimators.data_axis import AxisName
 
 Array = jax.Array
@@ -48,91 +49,10 @@ DEFAULT_PROBE_BATCH_SIZE = 32
 DEFAULT_SHARPNESS_ITERS = 2
 
 
-class ScaleByKControlState(NamedTuple):
-  """State of :func:`scale_by_k_control`. Scalars are float32 unless said otherwise.
-
-  Attributes:
-    count: updates applied so far (int32).
-    key: PRNG key of the probes (made in ``init`` from ``seed``; folded with ``count``).
-    k: K at the step taken by the last update, ``η S̄ / (2 α B)``, in the chosen output norm.
-    k_scale: S̄, the smoothed kernel scale (T/C, λ_max(M) or T, see ``output_norm``).
-    k_trace: T̄, the smoothed per-example Gauss–Newton / NTK trace over all outputs.
-    k_trace_raw: the last valid raw estimate T̂.
-    k_trace_stderr: standard error of T̄ from the spread of the raw estimates around it (NaN
-      until two estimates exist).
-    k_trace_var: running mean of the squared deviations of T̂ from T̄ (feeds the stderr).
-    k_learning_rate: η actually taken by the last update.
-    k_base_learning_rate: the base η (schedule value) at the last update.
-    k_num_outputs: C, outputs per example (int32; 0 before the first update).
-    k_num_estimates: valid estimates so far (int32).
-    k_num_skipped: estimates skipped as NaN/Inf/≤ 0 (int32).
-    k_num_raised: updates whose step the band raised above the base LR (int32).
-    k_num_lowered: updates whose step the band (or ``max_scale``) lowered below the base LR.
-    k_num_capped: updates whose step the curvature guard lowered (int32).
-    gn_lambda_max: λ̄, the Gauss–Newton λ_max of the last valid guard estimate.
-    sharpness_ratio: ``η · λ̄ / E(μ)`` at the last update (1 is the curvature edge).
-    sharpness_num_skipped: λ estimates skipped as NaN/Inf/≤ 0 (int32).
-    gn_eigenvector: the guard's power-iteration vector (float32, shaped like params), or ``()``
-      with the guard off.
-  """
-
-  count: Array
-  key: Array
-  k: Array
-  k_scale: Array
-  k_trace: Array
-  k_trace_raw: Array
-  k_trace_stderr: Array
-  k_trace_var: Array
-  k_learning_rate: Array
-  k_base_learning_rate: Array
-  k_num_outputs: Array
-  k_num_estimates: Array
-  k_num_skipped: Array
-  k_num_raised: Array
-  k_num_lowered: Array
-  k_num_capped: Array
-  gn_lambda_max: Array
-  sharpness_ratio: Array
-  sharpness_num_skipped: Array
-  gn_eigenvector: Any
-
-  STATS_FIELDS = (
-      "k", "k_scale", "k_trace", "k_trace_raw", "k_trace_stderr", "k_learning_rate",
-      "k_base_learning_rate", "k_num_outputs", "k_num_estimates", "k_num_skipped",
-      "k_num_raised", "k_num_lowered", "k_num_capped", "gn_lambda_max", "sharpness_ratio",
-      "sharpness_num_skipped",
-  )
-
-
 def curvature_edge(momentum: Any, nesterov: bool = False) -> Array:
   """E(μ): the largest stable ``η λ`` on a quadratic (module docstring)."""
   mu = jnp.asarray(momentum, jnp.float32)
   return 2.0 * (1.0 + mu) / (1.0 + 2.0 * mu) if nesterov else 2.0 * (1.0 + mu)
-
-
-def _check_band(target: Any) -> None:
-  try:
-    lo, hi = target
-  except (TypeError, ValueError):
-    msg = f"`target` must be a pair (lo, hi) with 0 < lo < hi, or None; got {target!r}."
-    raise ValueError(msg) from None
-  if arguments.is_number(lo) and arguments.is_number(hi) and not 0 < float(lo) < float(hi):
-    raise ValueError(f"`target` must satisfy 0 < lo < hi; got ({lo!r}, {hi!r}).")
-  for end in (lo, hi):
-    if not (arguments.is_number(end) or callable(end) or isinstance(end, jax.Array)):
-      raise ValueError(f"`target` ends must be floats or schedules; got {end!r}.")
-
-
-def _check_optional(name: str, value: Any, low: float, high: float | None = None) -> None:
-  """``value`` is None, traced, or a number in ``(low, high]`` (``high`` None: unbounded)."""
-  if value is None or arguments.is_traced_scalar(value):
-    return
-  bad = not arguments.is_number(value) or not float(value) > low
-  bad = bad or (high is not None and float(value) > high)
-  if bad:
-    rng = f"in ({low}, {high}]" if high is not None else f"> {low}"
-    raise ValueError(f"`{name}` must be a number {rng} or None; got {value!r}.")
 
 
 def _resolve_trace_floor(trace_floor: Any, loss: Any) -> Any:
@@ -144,19 +64,6 @@ def _resolve_trace_floor(trace_floor: Any, loss: Any) -> Any:
   if not arguments.is_number(trace_floor) or float(trace_floor) < 0:
     raise ValueError(f'`trace_floor` must be a number >= 0, "auto" or None; got {trace_floor!r}.')
   return trace_floor
-
-
-def _band_decay(decay_steps: Any, band_decay: Any) -> Callable[[Array], Array] | None:
-  if decay_steps is not None and band_decay is not None:
-    raise ValueError("give `decay_steps` (a cosine to 0) or `band_decay` (a schedule), not both.")
-  if band_decay is not None:
-    if not callable(band_decay):
-      raise ValueError(f"`band_decay` must be an optax schedule of the step; got {band_decay!r}.")
-    return band_decay
-  if decay_steps is None:
-    return None
-  arguments.check_positive_int("decay_steps", decay_steps)
-  return optax.cosine_decay_schedule(1.0, decay_steps)
 
 
 def scale_by_k_control(
@@ -254,7 +161,7 @@ def scale_by_k_control(
   losses.resolve_loss(loss)
   norm = k_estimate.resolve_output_norm(output_norm, loss)
   target = DEFAULT_TARGETS[norm] if target is None else target
-  _check_band(target)
+  arguments.check_band(target)
   if batch_size is not None:
     arguments.check_positive_int("batch_size", batch_size)
   arguments.check_momentum(momentum)
@@ -266,7 +173,7 @@ def scale_by_k_control(
   )
   if estimator not in estimators.METHODS:
     raise ValueError(f"`estimator` must be one of {estimators.METHODS}; got {estimator!r}.")
-  _check_optional("max_sharpness_ratio", max_sharpness_ratio, 0.0, 1.0)
+  arguments.check_optional("max_sharpness_ratio", max_sharpness_ratio, 0.0, 1.0)
   sharpness_iters = arguments.check_static_int(
       "sharpness_iters", sharpness_iters, "sets the number of power steps (unrolled)"
   )
@@ -274,13 +181,13 @@ def scale_by_k_control(
     probe_batch_size = arguments.check_static_int(
         "probe_batch_size", probe_batch_size, "sets the sub-batch's stride (a shape)"
     )
-  decay_fn = _band_decay(decay_steps, band_decay)
+  decay_fn = arguments.band_decay_fn(decay_steps, band_decay)
   estimators.check_probe_scope(probe_scope, axis_name)
   if arguments.is_number(smoothing) and not 0.0 <= float(smoothing) < 1.0:
     raise ValueError(f"`smoothing` must be in [0, 1); got {smoothing!r}.")
   if arguments.is_number(max_change) and not float(max_change) > 1.0:
     raise ValueError(f"`max_change` must be > 1; got {max_change!r}.")
-  _check_optional("max_scale", max_scale, 0.0)
+  arguments.check_optional("max_scale", max_scale, 0.0)
   trace_floor = _resolve_trace_floor(trace_floor, loss)
   arguments.check_seed(seed)
   guard = max_sharpness_ratio is not None

@@ -19,7 +19,9 @@ few steps inside ``lax.cond``. From one linearisation of the model on the batch
 * ``lambda_max`` and ``eigenvector``: with a guard vector given, the top eigenvalue of the
   Gauss–Newton matrix ``(1/B) Σ_i J_iᵀ H_i J_i`` on the batch by ``num_iters`` steps of power
   iteration warm-started from that vector (the Rayleigh quotient: a lower bound that converges as
-  the warm start carries over between estimates). Each step is one JVP and one VJP.
+  the warm start carries over between estimates). Each step is one JVP and one VJP; with one
+  probe of a named loss the last step's VJP is batched with the probes' VJPs (one ``vmap``ped
+  VJP for every cotangent, :func:`_probe_and_power_step`).
 
 ``"auto"`` resolves to ``"per_output"`` for ``"mse"`` and callables and to ``"total"`` for the
 cross-entropies: at a uniform softmax H ≈ I/C, so the Gauss–Newton trace already carries the 1/C
