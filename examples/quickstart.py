@@ -2,7 +2,7 @@
 
 The base learning rate is deliberately far too large (10.0): plain SGD with it diverges at once.
 The controller measures the noise kernel norm K on the first batch, moves the step into the band
-(cross-entropy's default, K ∈ [0.57, 1.13] on the Gauss–Newton trace) before the first update, and
+(cross-entropy's default, K ∈ [0.4, 0.8] on the Gauss–Newton trace) before the first update, and
 anneals the band to 0 over the run (``decay_steps``: the recipe for a run of known length), while
 the curvature guard keeps η·λ_max below half its edge. Runs in well under a minute on a CPU:
 

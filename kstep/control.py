@@ -37,7 +37,7 @@ from kstep.estimators.data_axis import AxisName
 
 Array = jax.Array
 
-DEFAULT_TARGETS = {"per_output": (0.25, 0.4), "max_output": (0.25, 0.4), "total": (0.57, 1.13)}
+DEFAULT_TARGETS = {"per_output": (0.25, 0.4), "max_output": (0.25, 0.4), "total": (0.4, 0.8)}
 CROSS_ENTROPY_TRACE_FLOOR = 0.03
 DEFAULT_MAX_SHARPNESS_RATIO = 0.5
 FIRST_POWER_ITERS = 20
@@ -110,9 +110,7 @@ def scale_by_k_control(
       differs from the batch raises ``ValueError`` naming both.
     target: ``(lo, hi)``, the K band in the chosen ``output_norm``, each end a float or a
       schedule, ``0 < lo < hi``. ``None``: (0.25, 0.4) per output (MSE's best band in the MNIST
-      band sweep, (2.6, 3.9) over 10 outputs) and (0.57, 1.13) on the Gauss–Newton trace (CE:
-      the annealed band sweeps' choice; with ``decay_steps``, worst base LR 0.986 vs 0.982 for
-      (0.4, 0.8) on digits, 0.942 vs 0.937 on MNIST, B = 64, 3 seeds, 10 base LRs).
+      band sweep, (2.6, 3.9) over 10 outputs) and (0.4, 0.8) on the Gauss–Newton trace (CE).
     output_norm: ``"per_output"``, ``"max_output"``, ``"total"`` or ``"auto"`` (per output for
       MSE and callables, total for the cross-entropies); see :mod:`kstep.k_estimate`.
     momentum: μ of the momentum that precedes this transform (α = 1 − μ; the curvature edge).

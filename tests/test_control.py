@@ -1219,10 +1219,10 @@ def test_default_norm_and_band_per_loss():
     np.testing.assert_allclose(float(s["k"]), edge, rtol=1e-5)
     np.testing.assert_allclose(float(s["k_learning_rate"]), edge * C * eta_one(T0, 0.9),
                                rtol=1e-5)
-  # Cross-entropy: "auto" is the total trace, the band (0.57, 1.13).
-  assert control.DEFAULT_TARGETS["total"] == (0.57, 1.13)
+  # Cross-entropy: "auto" is the total trace, the band (0.4, 0.8).
+  assert control.DEFAULT_TARGETS["total"] == (0.4, 0.8)
   s = first_stats(1e3, loss="softmax_cross_entropy", trace_floor=None)
-  np.testing.assert_allclose(float(s["k"]), 1.13, rtol=1e-5)
+  np.testing.assert_allclose(float(s["k"]), 0.8, rtol=1e-5)
   np.testing.assert_allclose(float(s["k_scale"]), float(s["k_trace"]), rtol=1e-6)
 
 
