@@ -652,6 +652,7 @@ def test_same_seed_gives_bitwise_identical_trajectory():
   assert not np.array_equal(np.asarray(p1[0]["w"]), np.asarray(p3[0]["w"]))
 
 
+@pytest.mark.slow
 def test_checkpoint_restore_continues_bitwise_identically():
   batches = classification_batches(10)
   params0 = mlp_init(0, (D, 16, C))

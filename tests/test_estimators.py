@@ -570,7 +570,8 @@ def moved_top(neg):
   return np.linalg.eigvalsh(explicit_hessian(moved_params(), lm_batch(base, neg)))[-1]
 
 
-@pytest.mark.parametrize("method,neg", [("lanczos", 0.0), ("lanczos", 1.0), ("power", 0.0)])
+@pytest.mark.parametrize("method,neg", [
+    ("lanczos", 0.0), ("lanczos", 1.0), pytest.param("power", 0.0, marks=pytest.mark.slow)])
 def test_lambda_max_warm_start_needs_fewer_iterations(method, neg):
   params, base, _ = lm_setup()
   batch = lm_batch(base, neg)
@@ -584,6 +585,7 @@ def test_lambda_max_warm_start_needs_fewer_iterations(method, neg):
   assert int(warm.num_iters) <= int(cold.num_iters) // 2, (warm.num_iters, cold.num_iters)
 
 
+@pytest.mark.slow
 def test_lambda_max_zero_hessian_is_zero():
   params, base, _ = lm_setup()
   batch = lm_batch(base, neg=1.0, scale=0.0)  # zero-output model: the loss is constant

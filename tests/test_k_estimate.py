@@ -73,7 +73,8 @@ def _dense_gauss_newton(loss_name):
   return jnp.einsum("icp,icd,idq->pq", jac, h, jac) / B, flat, unravel
 
 
-@pytest.mark.parametrize("loss_name", ["mse", "softmax_cross_entropy"])
+@pytest.mark.parametrize("loss_name", [pytest.param("mse", marks=pytest.mark.slow),
+                                       "softmax_cross_entropy"])
 def test_merged_probe_and_power_step_matches_dense_and_separate_passes(loss_name):
   spec = losses.resolve_loss(loss_name)
   mse = losses.resolve_loss("mse")
