@@ -295,6 +295,7 @@ def test_no_recompilation_on_later_updates():
   assert int(kstep.stats(state)["k_num_estimates"]) == 3  # updates 0, 2, 4
 
 
+@pytest.mark.slow
 def test_state_types_survive_update_inside_lax_cond():
   params, batch = init_params(), make_batch(0)
   grads = jax.grad(mse_loss)(params, batch)
@@ -1227,6 +1228,7 @@ def test_default_norm_and_band_per_loss():
   np.testing.assert_allclose(float(s["k_scale"]), float(s["k_trace"]), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_one_output_per_example_is_the_same_k_in_every_norm():
   # Outputs of shape (B,): C = 1, so per output, the largest output and the total agree.
   apply_fn = lambda p, b: b["x"] @ p["w"][:, 0]
@@ -1353,7 +1355,7 @@ def test_seed_makes_the_key_in_init():
                             np.asarray(control_state(state).key))
 
 
-@pytest.mark.parametrize("weight_decay", [None, 0.0, 1e-4])
+@pytest.mark.parametrize("weight_decay", [pytest.param(None, marks=pytest.mark.slow), 0.0, 1e-4])
 def test_injected_state_has_the_plain_tree(weight_decay):
   params = init_params()
   kwargs = {} if weight_decay is None else {"weight_decay": weight_decay}

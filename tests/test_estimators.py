@@ -529,8 +529,11 @@ def test_hvp_matches_explicit_hessian():
   np.testing.assert_allclose(ravel_pytree(out)[0], ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
 
 
-@pytest.mark.parametrize("method", ["lanczos", "power"])
-@pytest.mark.parametrize("neg", [0.0, 1.0], ids=["mse", "negative_dominant"])
+@pytest.mark.parametrize("method,neg", [
+    pytest.param("lanczos", 0.0, marks=pytest.mark.slow, id="mse-lanczos"),
+    pytest.param("power", 0.0, id="mse-power"),
+    pytest.param("lanczos", 1.0, id="negative_dominant-lanczos"),
+    pytest.param("power", 1.0, id="negative_dominant-power")])
 def test_lambda_max_matches_eigh(method, neg):
   params, base, _ = lm_setup()
   batch = lm_batch(base, neg)
@@ -718,7 +721,7 @@ SHARPNESS = {
 }
 
 
-@pytest.mark.parametrize("neg", [0.0, 1.0])
+@pytest.mark.parametrize("neg", [pytest.param(0.0, marks=pytest.mark.slow), 1.0])
 def test_batch_sharpness_matches_brute_force(neg):
   params, _, _ = lm_setup()
   batches = stacked_batches(neg)
