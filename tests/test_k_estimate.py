@@ -81,8 +81,9 @@ def test_merged_probe_and_power_step_matches_dense_and_separate_passes(loss_name
   g, flat, unravel = _dense_gauss_newton(loss_name)
   v = unravel(jnp.asarray(rng.normal(size=flat.shape), jnp.float32))
   key = jax.random.PRNGKey(3)
-  est = k_estimate.estimate(mlp, PARAMS, BATCH, loss=spec, key=key, output_norm="total",
-                            trace_floor=0.03, eigenvector=v, power_iters=2)
+  est = jax.jit(lambda v: k_estimate.estimate(
+      mlp, PARAMS, BATCH, loss=spec, key=key, output_norm="total", trace_floor=0.03,
+      eigenvector=v, power_iters=2))(v)
   # Two power steps on the dense G: λ the Rayleigh quotient of the second, v' = G v̂ / ‖G v̂‖.
   u = jax.flatten_util.ravel_pytree(v)[0]
   u = g @ (u / jnp.linalg.norm(u))
@@ -93,7 +94,7 @@ def test_merged_probe_and_power_step_matches_dense_and_separate_passes(loss_name
                              w / jnp.linalg.norm(w), rtol=1e-3, atol=1e-5)
   # The probes: the same numbers as the separate trace pair with the same key.
   lin = linearization.linearize(mlp, PARAMS, BATCH)
-  gn, ntk = traces.hutchinson_traces(lin, (spec, mse), BATCH,
-                                     key=jax.random.split(key, 2)[0])
+  gn, ntk = jax.jit(lambda k: traces.hutchinson_traces(lin, (spec, mse), BATCH, key=k))(
+      jax.random.split(key, 2)[0])
   np.testing.assert_allclose(est.trace, gn.value, rtol=1e-5)
   np.testing.assert_allclose(est.scale, jnp.maximum(gn.value, 0.03 * ntk.value), rtol=1e-5)
