@@ -169,6 +169,7 @@ def check_optional(name: str, value: Any, low: float, high: float | None = None)
     rng = f"in ({low}, {high}]" if high is not None else f"> {low}"
     raise ValueError(f"`{name}` must be a number {rng} or None; got {value!r}.")
 
+
 def band_decay_fn(decay_steps: Any, band_decay: Any) -> Callable[[Array], Array] | None:
   """The band's decay d(t): a cosine from 1 to 0 over ``decay_steps``, ``band_decay`` itself, or
   None (no decay); both given is an error."""

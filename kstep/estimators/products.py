@@ -73,10 +73,23 @@ def linearized_gauss_newton_vp(
     axis_name: AxisName = None,
 ) -> PyTree:
   """:func:`gauss_newton_vp` on an already linearised model: one JVP and one VJP, no forward."""
+  out = lin.vjp(gauss_newton_cotangent(lin, loss, batch, v, axis_name=axis_name))
+  return data_axis.psum(out, axis_name)
+
+
+def gauss_newton_cotangent(
+    lin: linearization.LinearizedModel,
+    loss: losses.OutputLoss,
+    batch: Any,
+    v: PyTree,
+    *,
+    axis_name: AxisName = None,
+) -> Array:
+  """``H J v / B`` (this device's rows, ``(b, C)``): one JVP; its VJP, reduced over
+  ``axis_name``, is the Gauss–Newton product ``G v``."""
   spec = loss.for_output_shape(lin.out_shape)
   jv = lin.jvp(data_axis.local(v, axis_name))
-  out = lin.vjp(spec.gnvp(lin.outputs, batch, jv) / lin.num_rows_total)
-  return data_axis.psum(out, axis_name)
+  return spec.gnvp(lin.outputs, batch, jv) / lin.num_rows_total
 
 
 def batch_curvature(
