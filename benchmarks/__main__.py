@@ -102,7 +102,7 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--rounds", type=int, default=7)
   p.add_argument("--chunk", type=int, default=200, help="steps per timed chunk")
   p.add_argument("--variants", type=_strs, default=[],
-                 help="comma list of one-argument changes at every=10: noguard, iters1, "
+                 help="comma list of one-argument changes at every=10: noguard, refresh1, iters1, "
                       "probe16, wholebatch, nofloor")
 
   p = sub.add_parser("linreg", help="Figure 1 of the K paper: K vs eta and SGD divergence")

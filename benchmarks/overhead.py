@@ -37,6 +37,7 @@ MOMENTUM = 0.9
 VARIANTS = {
     "noguard": dict(max_sharpness_ratio=None),
     "iters1": dict(sharpness_iters=1),
+    "refresh1": dict(refresh_every=1),
     "probe16": dict(probe_batch_size=16),
     "wholebatch": dict(probe_batch_size=None),
     "nofloor": dict(trace_floor=None),
@@ -113,6 +114,12 @@ def measure(problem: tasks.Problem, args: argparse.Namespace, path) -> dict:
       carries[name] = jax.block_until_ready(fn(*carries[name], idx, x, y))[0]
       times[name].append(time.perf_counter() - t0)
   t = {k: np.asarray(v) for k, v in times.items()}
+  # How often each controller ran its guard (and refreshed the floor) over the whole timing.
+  guard_share = {}
+  for name, (_, state) in carries.items():
+    s = kstep.stats(state)
+    if "sharpness_num_estimates" in s and int(s["k_num_estimates"]) > 0:
+      guard_share[name] = int(s["sharpness_num_estimates"]) / int(s["k_num_estimates"])
   ratios = {name: _quartiles(t[name] / t["sgd"]) for name in t if name != "sgd"}
   # Noise on a shared machine only ever adds time: the ratio of the fastest rounds is the
   # least noise-sensitive estimate; the median of per-round ratios is reported beside it.
@@ -125,7 +132,7 @@ def measure(problem: tasks.Problem, args: argparse.Namespace, path) -> dict:
       "task": problem.task, "scale": problem.scale, "loss": problem.loss,
       "batch_size": problem.batch_size, "chunk_steps": args.chunk, "rounds": args.rounds,
       "defaults": "k_controlled_sgd at its defaults (guard on, probe_batch_size=32, "
-                  "sharpness_iters=2); variants change one argument at every=10",
+                  "sharpness_iters=2, refresh_every=4); variants change one argument at every=10",
       "variants": {f"kstep_every10_{v}": VARIANTS[v] for v in args.variants},
       "note": "ratios are t(config)/t(optax.sgd) within one interleaved round; one estimate's "
               "cost in steps is ratio(every=1) - 1",
@@ -133,6 +140,7 @@ def measure(problem: tasks.Problem, args: argparse.Namespace, path) -> dict:
       "time_ratio_vs_sgd": ratios, "estimate_cost_in_steps": est,
       "time_ratio_vs_sgd_of_min_times": min_ratios, "estimate_cost_in_steps_min": est_min,
       "compile_and_first_chunk_s": compile_s,
+      "guard_share_of_estimates": guard_share,
       "seconds_per_chunk": {k: v.tolist() for k, v in t.items()},
       "claim": "at the defaults (every=10) at most 1.06 x an optax.sgd step",
       "default_ratio": default, "holds": None if default is None else default <= 1.06,
@@ -156,4 +164,5 @@ def measure(problem: tasks.Problem, args: argparse.Namespace, path) -> dict:
   print("median ratios", {k: round(v["median"], 3) for k, v in ratios.items()})
   print("min-time ratios", {k: round(v, 3) for k, v in min_ratios.items()})
   print("estimate cost in steps: median", est, "min", est_min)
+  print("share of estimates with the guard's power steps", guard_share)
   return payload

@@ -11,7 +11,8 @@ controller estimates S on the current batch, smooths it across estimates, and ta
 where d(t) is the band's decay (1, or a cosine over ``decay_steps``: the annealed band), λ̄ the
 top eigenvalue of the Gauss–Newton matrix on the estimate's batch (power iteration warm-started
 from the previous estimate's vector; held: ``λ̄ ← max(λ̂, 0.8·λ̄)``, so one low estimate cannot
-release the cap) and E(μ) the curvature edge of the momentum method on a
+release the cap; refreshed at every ``refresh_every``-th estimate, or at every one while the step
+is within a factor 2 of its cap) and E(μ) the curvature edge of the momentum method on a
 quadratic: ``η λ < 2(1 + μ)`` for heavy ball (2 for plain SGD) and ``η λ < 2(1 + μ)/(1 + 2μ)``
 for Nesterov (optax's form; from the Jury conditions of ``z² − τz + μ(1 − ηλ)`` with
 ``τ = 1 + μ − ηλ(1 + μ)``). The noise edge (K) binds at small batch, the curvature edge at large
@@ -31,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from kstep import arguments, estimators, k_estimate, losses, noise_kernel
+from kstep import arguments, control_state, estimators, k_estimate, losses, noise_kernel
 from kstep.control_state import ScaleByKControlState
 from kstep.estimators.data_axis import AxisName
 
@@ -42,7 +43,10 @@ CROSS_ENTROPY_TRACE_FLOOR = 0.03
 DEFAULT_MAX_SHARPNESS_RATIO = 0.5
 FIRST_POWER_ITERS = 20
 FIRST_PROBES = 8
-SHARPNESS_HOLD = 0.8
+# Between refreshes (scale_by_k_control's `refresh_every`) the guard's power steps run only
+# while the last step's η·λ̄ is above this fraction of its cap.
+SHARPNESS_NEAR = 0.5
+DEFAULT_REFRESH_EVERY = 4
 DEFAULT_PROBE_BATCH_SIZE = 32
 # Two warm power steps per estimate (the last one's VJP rides with the probes', k_estimate); one
 # lost CE at B=1024 (see scale_by_k_control's docstring), a second costs ~0.5 SGD steps.
@@ -81,6 +85,7 @@ def scale_by_k_control(
     estimator: str = "hutchinson",
     max_sharpness_ratio: float | None = DEFAULT_MAX_SHARPNESS_RATIO,
     sharpness_iters: int = DEFAULT_SHARPNESS_ITERS,
+    refresh_every: int = DEFAULT_REFRESH_EVERY,
     probe_batch_size: int | None = DEFAULT_PROBE_BATCH_SIZE,
     decay_steps: int | None = None,
     band_decay: optax.Schedule | None = None,
@@ -129,6 +134,13 @@ def scale_by_k_control(
       ended at 8–20% test accuracy at every LR (the warm vector lags the sharpening of the first
       50 steps, λ̂ decays under the hold, the step overshoots; also with λ̂ = ‖G v̂‖); with 2,
       0.94–0.99. A step costs about 0.5 SGD steps per estimate (MNIST MLP, CE, B = 128, CPU).
+    refresh_every: m ≥ 1: the guard's power steps and the trace floor's NTK probe run at every
+      m-th estimate (the first included); at the others the floor reuses its last NTK scale and
+      the guard keeps λ̄ and its vector, unless the last step's ``η·λ̄`` was above
+      ``SHARPNESS_NEAR`` (½) of its cap ``r·E(μ)``, when both run. Where the noise edge binds
+      (small batch) the guard sits far below its cap and costs 1/m of its price; where the
+      curvature edge binds (large batch) it runs at every estimate. A skipped guard was ≥ 2×
+      below its cap, 4× below the edge at the defaults. ``1``: both at every estimate.
     probe_batch_size: estimate on every ``B // probe_batch_size``-th example of the batch (the
       trace, its floor and the guard's λ_max): T is a per-example mean, so a sub-batch is
       unbiased for it at a fraction of the cost; the sub-batch's Gauss–Newton λ_max is, if
@@ -177,6 +189,7 @@ def scale_by_k_control(
   sharpness_iters = arguments.check_static_int(
       "sharpness_iters", sharpness_iters, "sets the number of power steps (unrolled)"
   )
+  arguments.check_positive_int("refresh_every", refresh_every)
   if probe_batch_size is not None:
     probe_batch_size = arguments.check_static_int(
         "probe_batch_size", probe_batch_size, "sets the sub-batch's stride (a shape)"
@@ -203,14 +216,16 @@ def scale_by_k_control(
     vector = estimators.random_unit(jax.random.split(key)[1], params) if guard else ()
     return ScaleByKControlState(
         count=izero, key=key, k=nan, k_scale=nan, k_trace=nan, k_trace_raw=nan,
-        k_trace_stderr=nan, k_trace_var=jnp.zeros((), jnp.float32), k_learning_rate=nan,
+        k_trace_stderr=nan, k_trace_var=jnp.zeros((), jnp.float32), k_ntk_scale=nan,
+        k_learning_rate=nan,
         k_base_learning_rate=nan, k_num_outputs=izero, k_num_estimates=izero,
         k_num_skipped=izero, k_num_raised=izero, k_num_lowered=izero, k_num_capped=izero,
-        gn_lambda_max=nan, sharpness_ratio=nan, sharpness_num_skipped=izero,
+        gn_lambda_max=nan, sharpness_ratio=nan, sharpness_num_estimates=izero,
+        sharpness_num_skipped=izero,
         gn_eigenvector=vector,
     )
 
-  def measure(state: ScaleByKControlState, params: Any, batch: Any, cold: bool):
+  def measure(state: ScaleByKControlState, params: Any, batch: Any, cold: bool, full: bool):
     # The first valid estimate sets S̄ alone, so it gets the whole batch, FIRST_PROBES times the
     # probes and FIRST_POWER_ITERS power steps (one probe's spread is ~40% of T at init).
     if not cold:
@@ -220,52 +235,35 @@ def scale_by_k_control(
         apply_fn, params, batch, loss=spec, key=jax.random.fold_in(state.key, state.count),
         output_norm=norm, num_probes=num_probes * (FIRST_PROBES if cold else 1),
         estimator=estimator, trace_floor=trace_floor,
-        eigenvector=state.gn_eigenvector if guard else None,
+        eigenvector=state.gn_eigenvector if guard and full else None,
         power_iters=FIRST_POWER_ITERS if cold else sharpness_iters,
+        ntk_scale=None if full or trace_floor is None else state.k_ntk_scale,
         axis_name=axis_name, probe_scope=probe_scope,
     )
 
   def estimate(state: ScaleByKControlState, params: Any, batch: Any) -> ScaleByKControlState:
     first = state.k_num_estimates == 0
-    est = jax.lax.cond(first, lambda: measure(state, params, batch, True),
-                       lambda: measure(state, params, batch, False))
-    valid = jnp.isfinite(est.scale) & (est.scale > 0) & jnp.isfinite(est.trace)
-    old = jnp.where(first, est.scale, state.k_scale)
-    clipped = jnp.clip(est.scale, old / max_change, old * max_change)
-    scale = jnp.where(first, est.scale, smoothing * old + (1.0 - smoothing) * clipped)
-    # T̄ follows S̄: the same weights, the raw T̂ moved by the clip applied to Ŝ.
-    raw_t = est.trace * clipped / jnp.where(est.scale > 0, est.scale, 1.0)
-    trace = jnp.where(first, est.trace, smoothing * state.k_trace + (1.0 - smoothing) * raw_t)
-    dev2 = jnp.square(est.trace - trace)
-    var = jnp.where(first, 0.0, smoothing * state.k_trace_var + (1.0 - smoothing) * dev2)
-    # An EMA with weight (1 − d) averages about (1 + d)/(1 − d) estimates; one has no spread.
-    stderr = jnp.where(first, jnp.nan, jnp.sqrt(var * (1.0 - smoothing) / (1.0 + smoothing)))
-    keep = lambda new, old_value: jnp.where(valid, new, old_value).astype(old_value.dtype)
-    state = state._replace(
-        k_scale=keep(scale, state.k_scale), k_trace=keep(trace, state.k_trace),
-        k_trace_raw=keep(est.trace, state.k_trace_raw), k_trace_var=keep(var, state.k_trace_var),
-        k_trace_stderr=keep(stderr, state.k_trace_stderr),
-        k_num_estimates=state.k_num_estimates + valid.astype(jnp.int32),
-        k_num_skipped=state.k_num_skipped + (~valid).astype(jnp.int32),
-    )
-    if not guard:
-      return state
-    leaves = jax.tree.leaves(est.eigenvector)
-    vec_ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in leaves]))
-    lam_ok = jnp.isfinite(est.lambda_max) & (est.lambda_max > 0) & vec_ok
-    return state._replace(
-        # Max-hold: a new estimate below the decayed previous one (a sub-batch whose top
-        # direction differs, a lagging warm start) lowers λ̄ by at most the factor SHARPNESS_HOLD.
-        gn_lambda_max=jnp.where(
-            lam_ok, jnp.fmax(est.lambda_max, SHARPNESS_HOLD * state.gn_lambda_max),
-            state.gn_lambda_max,
-        ),
-        gn_eigenvector=jax.tree.map(
-            lambda n, o: jnp.where(vec_ok, n, o).astype(o.dtype), est.eigenvector,
-            state.gn_eigenvector,
-        ),
-        sharpness_num_skipped=state.sharpness_num_skipped + (~lam_ok).astype(jnp.int32),
-    )
+    if guard or trace_floor is not None:
+      # A full estimate (power steps, the floor's probe) at every refresh_every-th estimate and
+      # whenever the last step came near the guard's cap (or has no λ̄ yet: a NaN ratio); the
+      # others reuse λ̄, the vector and the floor's NTK scale.
+      full = (state.count // every) % refresh_every == 0
+      if guard:
+        full = full | ~(state.sharpness_ratio < SHARPNESS_NEAR * max_sharpness_ratio)
+      light = lambda: measure(state, params, batch, False, False)._replace(
+          eigenvector=state.gn_eigenvector if guard else None)
+      est = jax.lax.switch(
+          jnp.where(first, 0, jnp.where(full, 1, 2)),
+          [lambda: measure(state, params, batch, True, True),
+           lambda: measure(state, params, batch, False, True), light],
+      )
+      full = first | full
+    else:
+      full = jnp.bool_(False)
+      est = jax.lax.cond(first, lambda: measure(state, params, batch, True, True),
+                         lambda: measure(state, params, batch, False, True))
+    return control_state.absorb(state, est, first=first, full=full, guard=guard,
+                                smoothing=smoothing, max_change=max_change)
 
   def update_fn(updates, state: ScaleByKControlState, params=None, **extra_args):
     batch = extra_args.get("batch")
@@ -287,9 +285,8 @@ def scale_by_k_control(
     base = arguments.schedule_value(learning_rate, count)
     lo = arguments.schedule_value(lo_sched, count)
     hi = arguments.schedule_value(hi_sched, count)
-    if decay_fn is not None:
-      d = arguments.schedule_value(decay_fn, count)
-      lo, hi = d * lo, d * hi
+    d = 1.0 if decay_fn is None else arguments.schedule_value(decay_fn, count)
+    lo, hi = d * lo, d * hi
     alpha = 1.0 - jnp.asarray(momentum, jnp.float32)
     has_scale = state.k_num_estimates > 0
     eta_one = 2.0 * alpha * b / jnp.where(has_scale, state.k_scale, 1.0)
@@ -335,6 +332,7 @@ def k_controlled_sgd(
     estimator: str = "hutchinson",
     max_sharpness_ratio: float | None = DEFAULT_MAX_SHARPNESS_RATIO,
     sharpness_iters: int = DEFAULT_SHARPNESS_ITERS,
+    refresh_every: int = DEFAULT_REFRESH_EVERY,
     probe_batch_size: int | None = DEFAULT_PROBE_BATCH_SIZE,
     decay_steps: int | None = None,
     band_decay: optax.Schedule | None = None,
@@ -389,7 +387,8 @@ def k_controlled_sgd(
           learning_rate, apply_fn=apply_fn, loss=loss, batch_size=batch_size, target=target,
           output_norm=output_norm, momentum=momentum, nesterov=nesterov, every=every,
           num_probes=num_probes, estimator=estimator, max_sharpness_ratio=max_sharpness_ratio,
-          sharpness_iters=sharpness_iters, probe_batch_size=probe_batch_size,
+          sharpness_iters=sharpness_iters, refresh_every=refresh_every,
+          probe_batch_size=probe_batch_size,
           decay_steps=decay_steps, band_decay=band_decay,
           smoothing=smoothing, max_change=max_change, max_scale=max_scale,
           trace_floor=trace_floor, seed=seed, axis_name=axis_name, probe_scope=probe_scope,

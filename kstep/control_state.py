@@ -1,10 +1,16 @@
-"""State of the K controller (:func:`kstep.scale_by_k_control`): one NamedTuple of arrays."""
+"""State of the K controller (:func:`kstep.scale_by_k_control`), one NamedTuple of arrays, and
+how one estimate (:class:`kstep.k_estimate.KEstimate`) updates it (:func:`absorb`)."""
 
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
+
+from kstep import k_estimate
 
 Array = jax.Array
+
+SHARPNESS_HOLD = 0.8
 
 
 class ScaleByKControlState(NamedTuple):
@@ -20,6 +26,7 @@ class ScaleByKControlState(NamedTuple):
     k_trace_stderr: standard error of T̄ from the spread of the raw estimates around it (NaN
       until two estimates exist).
     k_trace_var: running mean of the squared deviations of T̂ from T̄ (feeds the stderr).
+    k_ntk_scale: Ŝ_NTK, the trace floor's NTK scale from its last probe (NaN without a floor).
     k_learning_rate: η actually taken by the last update.
     k_base_learning_rate: the base η (schedule value) at the last update.
     k_num_outputs: C, outputs per example (int32; 0 before the first update).
@@ -30,6 +37,8 @@ class ScaleByKControlState(NamedTuple):
     k_num_capped: updates whose step the curvature guard lowered (int32).
     gn_lambda_max: λ̄, the Gauss–Newton λ_max of the last valid guard estimate.
     sharpness_ratio: ``η · λ̄ / E(μ)`` at the last update (1 is the curvature edge).
+    sharpness_num_estimates: estimates whose power steps ran and gave a valid λ (int32; see
+      ``refresh_every``).
     sharpness_num_skipped: λ estimates skipped as NaN/Inf/≤ 0 (int32).
     gn_eigenvector: the guard's power-iteration vector (float32, shaped like params), or ``()``
       with the guard off.
@@ -43,6 +52,7 @@ class ScaleByKControlState(NamedTuple):
   k_trace_raw: Array
   k_trace_stderr: Array
   k_trace_var: Array
+  k_ntk_scale: Array
   k_learning_rate: Array
   k_base_learning_rate: Array
   k_num_outputs: Array
@@ -53,12 +63,60 @@ class ScaleByKControlState(NamedTuple):
   k_num_capped: Array
   gn_lambda_max: Array
   sharpness_ratio: Array
+  sharpness_num_estimates: Array
   sharpness_num_skipped: Array
   gn_eigenvector: Any
 
   STATS_FIELDS = (
-      "k", "k_scale", "k_trace", "k_trace_raw", "k_trace_stderr", "k_learning_rate",
+      "k", "k_scale", "k_trace", "k_trace_raw", "k_trace_stderr", "k_ntk_scale", "k_learning_rate",
       "k_base_learning_rate", "k_num_outputs", "k_num_estimates", "k_num_skipped",
       "k_num_raised", "k_num_lowered", "k_num_capped", "gn_lambda_max", "sharpness_ratio",
-      "sharpness_num_skipped",
+      "sharpness_num_estimates", "sharpness_num_skipped",
+  )
+
+
+def absorb(state: ScaleByKControlState, est: k_estimate.KEstimate, *, first: Array, full: Array,
+           guard: bool, smoothing: Any, max_change: Any) -> ScaleByKControlState:
+  """``state`` after the estimate ``est`` (``first``: the first valid one; ``full``: its power
+  steps ran). Smoothing: ``S̄ ← d·S̄ + (1 − d)·clip(Ŝ, S̄/r, r·S̄)`` (the first sets S̄), T̄ the
+  same with the raw T̂ moved by the clip applied to Ŝ. An invalid Ŝ (NaN, ±Inf, ≤ 0) or λ̂ is
+  counted and changes nothing else; λ̄ is max-held: ``λ̄ ← max(λ̂, SHARPNESS_HOLD·λ̄)``."""
+  valid = jnp.isfinite(est.scale) & (est.scale > 0) & jnp.isfinite(est.trace)
+  old = jnp.where(first, est.scale, state.k_scale)
+  clipped = jnp.clip(est.scale, old / max_change, old * max_change)
+  scale = jnp.where(first, est.scale, smoothing * old + (1.0 - smoothing) * clipped)
+  # T̄ follows S̄: the same weights, the raw T̂ moved by the clip applied to Ŝ.
+  raw_t = est.trace * clipped / jnp.where(est.scale > 0, est.scale, 1.0)
+  trace = jnp.where(first, est.trace, smoothing * state.k_trace + (1.0 - smoothing) * raw_t)
+  dev2 = jnp.square(est.trace - trace)
+  var = jnp.where(first, 0.0, smoothing * state.k_trace_var + (1.0 - smoothing) * dev2)
+  # An EMA with weight (1 − d) averages about (1 + d)/(1 − d) estimates; one has no spread.
+  stderr = jnp.where(first, jnp.nan, jnp.sqrt(var * (1.0 - smoothing) / (1.0 + smoothing)))
+  keep = lambda new, old_value: jnp.where(valid, new, old_value).astype(old_value.dtype)
+  state = state._replace(
+      k_scale=keep(scale, state.k_scale), k_trace=keep(trace, state.k_trace),
+      k_trace_raw=keep(est.trace, state.k_trace_raw), k_trace_var=keep(var, state.k_trace_var),
+      k_trace_stderr=keep(stderr, state.k_trace_stderr),
+      k_ntk_scale=keep(est.ntk_scale, state.k_ntk_scale),
+      k_num_estimates=state.k_num_estimates + valid.astype(jnp.int32),
+      k_num_skipped=state.k_num_skipped + (~valid).astype(jnp.int32),
+  )
+  if not guard:
+    return state
+  leaves = jax.tree.leaves(est.eigenvector)
+  vec_ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in leaves]))
+  lam_ok = full & jnp.isfinite(est.lambda_max) & (est.lambda_max > 0) & vec_ok
+  return state._replace(
+      # Max-hold: a new estimate below the decayed previous one (a sub-batch whose top
+      # direction differs, a lagging warm start) lowers λ̄ by at most the factor SHARPNESS_HOLD.
+      gn_lambda_max=jnp.where(
+          lam_ok, jnp.fmax(est.lambda_max, SHARPNESS_HOLD * state.gn_lambda_max),
+          state.gn_lambda_max,
+      ),
+      gn_eigenvector=jax.tree.map(
+          lambda n, o: jnp.where(vec_ok, n, o).astype(o.dtype), est.eigenvector,
+          state.gn_eigenvector,
+      ),
+      sharpness_num_estimates=state.sharpness_num_estimates + lam_ok.astype(jnp.int32),
+      sharpness_num_skipped=state.sharpness_num_skipped + (full & ~lam_ok).astype(jnp.int32),
   )

@@ -109,12 +109,15 @@ class KEstimate(NamedTuple):
     lambda_max: Rayleigh quotient of the Gauss–Newton matrix after the power steps (NaN without
       a guard vector).
     eigenvector: the power iteration's next vector (None without a guard vector).
+    ntk_scale: Ŝ_NTK, the floor's NTK scale in the ``output_norm``'s units, probed or given
+      (NaN without a floor).
   """
 
   trace: Array
   scale: Array
   lambda_max: Array
   eigenvector: PyTree | None
+  ntk_scale: Array
 
 
 def _power_update(u: PyTree, w: PyTree) -> tuple[PyTree, Array]:
@@ -204,6 +207,7 @@ def estimate(
     trace_floor: Any = None,
     eigenvector: PyTree | None = None,
     power_iters: int = 1,
+    ntk_scale: Any = None,
     axis_name: AxisName = None,
     probe_scope: str = "global",
 ) -> KEstimate:
@@ -213,7 +217,8 @@ def estimate(
   (C per probe for ``"max_output"``); one more VJP with ``trace_floor``; ``power_iters`` JVP+VJP
   pairs with ``eigenvector``. With one probe of a named loss and a guard vector (the
   controller's default) the last power step's VJP and the probes' VJPs run as one batched VJP.
-  ``estimator="exact"`` replaces the probes by B per-example Jacobians.
+  ``estimator="exact"`` replaces the probes by B per-example Jacobians. A given ``ntk_scale``
+  (with ``trace_floor``; an earlier estimate's) replaces the floor's probe.
   """
   lin = linearization.linearize(apply_fn, params, batch, axis_name=axis_name)
   c = lin.outputs.shape[1]
@@ -247,13 +252,13 @@ def estimate(
         _, eigenvector = gauss_newton_power(
             lin, loss, batch, eigenvector, power_iters - 1, axis_name=axis_name
         )
-      specs = (loss,) if trace_floor is None else (loss, mse)
+      specs = (loss,) if trace_floor is None or ntk_scale is not None else (loss, mse)
       samples, lam, eigenvector = _probe_and_power_step(
           lin, specs, batch, jax.random.split(keys[0], 1)[0], eigenvector,
           axis_name=axis_name, probe_scope=probe_scope,
       )
-      trace, ntk = samples[0], (samples[1] if trace_floor is not None else None)
-    elif trace_floor is not None and loss.noise is not None:
+      trace, ntk = samples[0], (samples[1] if len(specs) > 1 else None)
+    elif trace_floor is not None and ntk_scale is None and loss.noise is not None:
       # The trace and its floor's NTK trace from one batched VJP per probe.
       trace, ntk = (e.value for e in traces.hutchinson_traces(
           lin, (loss, mse), batch, key=keys[0], num_probes=num_probes, **common))
@@ -262,12 +267,17 @@ def estimate(
           lin, loss, batch, key=keys[0], num_probes=num_probes, **common
       ).value
     scale = trace / c if output_norm == "per_output" else trace
+  floor = jnp.full((), jnp.nan, jnp.float32)
   if trace_floor is not None:
-    if ntk is None:
-      ntk = traces.hutchinson_trace(lin, mse, batch, key=keys[1], **common).value
-    scale = jnp.maximum(scale, trace_floor * ntk / (1 if output_norm == "total" else c))
+    if ntk_scale is not None:
+      floor = jnp.asarray(ntk_scale, jnp.float32)
+    else:
+      if ntk is None:
+        ntk = traces.hutchinson_trace(lin, mse, batch, key=keys[1], **common).value
+      floor = (ntk / (1 if output_norm == "total" else c)).astype(jnp.float32)
+    scale = jnp.maximum(scale, trace_floor * floor)
   if eigenvector is not None and not merged:
     lam, eigenvector = gauss_newton_power(
         lin, loss, batch, eigenvector, power_iters, axis_name=axis_name
     )
-  return KEstimate(trace.astype(jnp.float32), scale.astype(jnp.float32), lam, eigenvector)
+  return KEstimate(trace.astype(jnp.float32), scale.astype(jnp.float32), lam, eigenvector, floor)

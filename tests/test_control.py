@@ -137,19 +137,20 @@ def all_finite(tree):
              if jnp.issubdtype(jnp.result_type(x), jnp.inexact))
 
 
-def assert_stats_finite(stats, guard):
+def assert_stats_finite(stats, guard, floor=False):
   """Every stat (one step's or a stacked history's) is finite, except the documented NaNs:
   ``MEASURED`` before the first valid estimate, ``k_trace_stderr`` before the second, the guard's
-  stats with the guard off (always) or before its first valid λ estimate; and those are NaN."""
+  stats with the guard off (always) or before its first valid λ estimate, ``k_ntk_scale``
+  without a trace floor (always) or before the first valid estimate; and those are NaN."""
   n = np.asarray(stats["k_num_estimates"])
   lam_seen = np.isfinite(np.asarray(stats["gn_lambda_max"]))  # checked below when guard is off
   assert set(stats) == set(control.ScaleByKControlState.STATS_FIELDS)
   for name, value in stats.items():
     v = np.asarray(value)
-    if name in GUARD_STATS and not guard:
+    if (name in GUARD_STATS and not guard) or (name == "k_ntk_scale" and not floor):
       assert np.all(np.isnan(v)), name
       continue
-    if name in MEASURED:
+    if name in MEASURED or name == "k_ntk_scale":
       defined = n >= 1
     elif name == "k_trace_stderr":
       defined = n >= 2
@@ -170,11 +171,11 @@ def control_state(state):
   return found[0]
 
 
-def assert_state_finite(state, guard):
+def assert_state_finite(state, guard, floor=False):
   """``assert_stats_finite`` for the controller's stats in ``state``; every other float leaf of
   ``state`` (momentum, the smoothed variance, the guard's vector, ...) finite."""
   inner = control_state(state)
-  assert_stats_finite(kstep.stats(state), guard)
+  assert_stats_finite(kstep.stats(state), guard, floor)
   rest = [x for x in jax.tree.leaves(state, is_leaf=lambda x: x is inner) if x is not inner]
   assert all_finite(rest)
   assert all_finite(inner._replace(**{name: 0.0 for name in inner.STATS_FIELDS}))
@@ -690,7 +691,7 @@ T0 = exact_trace(BASE_BATCH)
 def linear_run(
     learning_rates, scales, lo=BAND[0], hi=BAND[1], *, momentum=0.9, smoothing=0.8,
     max_change=4.0, every=1, max_scale=np.inf, seed=0, estimator="exact", loss="mse",
-    output_norm="total", guard=False,
+    output_norm="total", guard=False, refresh_every=1,
 ):
   num_probes = 64  # for "hutchinson"; cheap on this model
   steps = jnp.arange(NUM_STEPS)
@@ -700,6 +701,7 @@ def linear_run(
       momentum=momentum, every=every, num_probes=num_probes, estimator=estimator,
       smoothing=smoothing, max_change=max_change, max_scale=max_scale, seed=seed,
       output_norm=output_norm, max_sharpness_ratio=0.5 if guard else None,
+      refresh_every=refresh_every,
   )
   params = init_params()
 
@@ -886,13 +888,39 @@ def test_invalid_first_estimate_keeps_the_base_lr():
     assert all_finite(params)
 
 
+def test_refresh_every_runs_guard_and_floor_at_every_m_th_estimate_far_below_the_cap():
+  # every=1, refresh_every=3, the band far below the cap: the power steps and the floor's NTK
+  # probe run at estimates 0, 3, 6, 9 only; λ̄ and Ŝ_NTK are held in between although the
+  # outputs' scale (so λ and the NTK trace) changes at every step.
+  scales = np.linspace(1.0, 2.0, NUM_STEPS)
+  _, h = run_linear(1e3, scales, guard=True, refresh_every=3, loss="softmax_cross_entropy",
+                    estimator="hutchinson")
+  refresh = np.arange(NUM_STEPS) % 3 == 0
+  assert np.all(h["sharpness_ratio"] < control.SHARPNESS_NEAR * 0.5)
+  np.testing.assert_array_equal(h["sharpness_num_estimates"], np.cumsum(refresh))
+  for name in ("gn_lambda_max", "k_ntk_scale"):
+    changed = np.flatnonzero(h[name][1:] != h[name][:-1]) + 1
+    np.testing.assert_array_equal(changed, np.flatnonzero(refresh)[1:], err_msg=name)
+  assert_stats_finite(h, guard=True, floor=True)
+
+
+def test_refresh_every_runs_the_guard_at_every_estimate_near_the_cap():
+  # The band 100x too high: the guard binds (ratio at its cap 0.5), so its power steps run at
+  # every estimate whatever refresh_every says, and λ̄ follows the growing curvature.
+  scales = np.linspace(1.0, 2.0, NUM_STEPS)
+  _, h = run_linear(1e3, scales, lo=40.0, hi=80.0, guard=True, refresh_every=3)
+  np.testing.assert_allclose(h["sharpness_ratio"], 0.5, rtol=1e-5)
+  np.testing.assert_array_equal(h["sharpness_num_estimates"], np.arange(1, NUM_STEPS + 1))
+  assert np.all(np.diff(h["gn_lambda_max"]) > 0)
+
+
 def test_nan_outputs_with_cross_entropy_floor_are_skipped():
   scales = np.array([1.0, np.nan] + [1.0] * 10)
   (params, state), h = run_linear(1e3, scales, loss="softmax_cross_entropy",
                                   estimator="hutchinson")
   np.testing.assert_array_equal(h["k_num_skipped"][:3], [0, 1, 1])
   assert h["k_learning_rate"][1] == h["k_learning_rate"][0]
-  assert_state_finite(state, guard=False)
+  assert_state_finite(state, guard=False, floor=True)
   assert all_finite(params)
 
 

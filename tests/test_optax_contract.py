@@ -114,6 +114,16 @@ def make(name: str, problem: Problem = PARABOLA, learning_rate: Any = LR,
   return optax.chain(optax.sgd(learning_rate, momentum=MOMENTUM), transform)
 
 
+def measured(tree: Any) -> Any:
+  """``tree`` (a state or its stats) without the stat that is NaN by definition on these MSE
+  problems: the controller's ``k_ntk_scale`` (no trace floor); the check that it is NaN."""
+  found = optax.tree.get_all_with_path(tree, "k_ntk_scale")
+  if not found:
+    return tree
+  assert all(bool(jnp.isnan(value)) for _, value in found)
+  return optax.tree.set(tree, k_ntk_scale=0.0)
+
+
 def step_fn(opt, problem: Problem, **extra):
   """One training step (params, state, batch) -> (params, state, updates), not jitted."""
   def step(params, state, batch):
@@ -236,7 +246,7 @@ def test_minimises_parabola_and_rosenbrock(name, problem):
   state = optax.tree.map_params(opt, lambda v: v, state)  # a no-op map must keep the state
   params, state = train(opt, problem, params, state, problem.steps)
   np.testing.assert_allclose(params, problem.solution, rtol=3e-2, atol=3e-2)
-  assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(kstep.stats(state)))
+  assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(measured(kstep.stats(state))))
   _check_measurements(name, problem, params, state)
 
 
@@ -263,7 +273,7 @@ def test_accepts_unknown_keyword_arguments_and_compiles_once(name):
       params, state, _ = step(params, state, batch)
   assert compiled == []
   assert step._cache_size() == 1
-  assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves((params, state)))
+  assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves((params, measured(state))))
 
 
 # ------------------------------------------------------------------------------------------------
