@@ -942,30 +942,35 @@ def test_trace_floor_auto():
   grads = jax.tree.map(jnp.zeros_like, params)
 
   def first_estimate(**kwargs):
-    """(S, T) after the first update: the floored kernel scale and the trace itself."""
+    """(S, T, Ŝ_NTK) after the first update: the floored kernel scale, the trace itself and the
+    floor's NTK scale."""
     opt = kstep.k_controlled_sgd(
         0.1, batch_size=C, apply_fn=linear_apply, estimator="exact", max_sharpness_ratio=None,
         **kwargs,
     )
     _, state = jax.jit(lambda s: opt.update(grads, s, params, batch=batch))(opt.init(params))
     s = kstep.stats(state)
-    return float(s["k_scale"]), float(s["k_trace"])
+    return float(s["k_scale"]), float(s["k_trace"]), float(s["k_ntk_scale"])
 
-  # The floor acts on S (here the total trace: "auto" for the cross-entropy); k_trace reports T.
-  scale, trace = first_estimate(loss="softmax_cross_entropy")
+  # The floor acts on S (here the total trace: "auto" for the cross-entropy); k_trace reports T,
+  # k_ntk_scale the floor's NTK scale (orthonormal inputs: every Rademacher probe reads C).
+  scale, trace, ntk_scale = first_estimate(loss="softmax_cross_entropy")
   np.testing.assert_allclose(scale, 0.03 * ntk, rtol=1e-5)
   np.testing.assert_allclose(trace, gn, rtol=2e-3)
-  scale, trace = first_estimate(loss="softmax_cross_entropy", trace_floor=None)
+  np.testing.assert_allclose(ntk_scale, ntk, rtol=1e-5)
+  scale, trace, ntk_scale = first_estimate(loss="softmax_cross_entropy", trace_floor=None)
+  assert np.isnan(ntk_scale)
   np.testing.assert_allclose(scale, gn, rtol=2e-3)
   np.testing.assert_allclose(trace, gn, rtol=2e-3)
-  scale, _ = first_estimate(loss="softmax_cross_entropy", trace_floor=0.5)
+  scale, _, _ = first_estimate(loss="softmax_cross_entropy", trace_floor=0.5)
   np.testing.assert_allclose(scale, 0.5 * ntk, rtol=1e-5)
   # Per output, the floor is in the same units: ρ · NTK trace / C.
-  scale, _ = first_estimate(loss="softmax_cross_entropy", output_norm="per_output")
+  scale, _, ntk_scale = first_estimate(loss="softmax_cross_entropy", output_norm="per_output")
   np.testing.assert_allclose(scale, 0.03 * ntk / C, rtol=1e-5)
+  np.testing.assert_allclose(ntk_scale, ntk / C, rtol=1e-5)
   # MSE: no floor; S is the NTK trace per output ("auto") or in total.
-  np.testing.assert_allclose(first_estimate(loss="mse"), (ntk / C, ntk), rtol=1e-5)
-  np.testing.assert_allclose(first_estimate(loss="mse", output_norm="total"), (ntk, ntk),
+  np.testing.assert_allclose(first_estimate(loss="mse")[:2], (ntk / C, ntk), rtol=1e-5)
+  np.testing.assert_allclose(first_estimate(loss="mse", output_norm="total")[:2], (ntk, ntk),
                              rtol=1e-5)
 
 
