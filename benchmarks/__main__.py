@@ -102,8 +102,8 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--rounds", type=int, default=7)
   p.add_argument("--chunk", type=int, default=200, help="steps per timed chunk")
   p.add_argument("--variants", type=_strs, default=[],
-                 help="comma list of one-argument changes at every=10: noguard, refresh1, iters1, "
-                      "probe16, wholebatch, nofloor")
+                 help="comma list of one-argument changes at every=10: noguard, refresh1, "
+                      "iters1, probe16, wholebatch, nofloor; rare, rare_noguard: every=1000")
 
   p = sub.add_parser("linreg", help="Figure 1 of the K paper: K vs eta and SGD divergence")
   _common(p, task=False)

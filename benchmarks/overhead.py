@@ -38,6 +38,9 @@ VARIANTS = {
     "noguard": dict(max_sharpness_ratio=None),
     "iters1": dict(sharpness_iters=1),
     "refresh1": dict(refresh_every=1),
+    # Nearly never estimating: what the controller costs per step besides its estimates.
+    "rare": dict(every=1000),
+    "rare_noguard": dict(every=1000, max_sharpness_ratio=None),
     "probe16": dict(probe_batch_size=16),
     "wholebatch": dict(probe_batch_size=None),
     "nofloor": dict(trace_floor=None),
@@ -59,7 +62,7 @@ def _builders(problem: tasks.Problem, everies, variants):
   for e in everies:
     opts[f"kstep_every{e}"] = kopt(every=e)
   for v in variants:
-    opts[f"kstep_every10_{v}"] = kopt(**VARIANTS[v])
+    opts[f"kstep_every{VARIANTS[v].get('every', 10)}_{v}"] = kopt(**VARIANTS[v])
 
   def train_chunk(opt):
     @jax.jit
@@ -133,7 +136,8 @@ def measure(problem: tasks.Problem, args: argparse.Namespace, path) -> dict:
       "batch_size": problem.batch_size, "chunk_steps": args.chunk, "rounds": args.rounds,
       "defaults": "k_controlled_sgd at its defaults (guard on, probe_batch_size=32, "
                   "sharpness_iters=2, refresh_every=4); variants change one argument at every=10",
-      "variants": {f"kstep_every10_{v}": VARIANTS[v] for v in args.variants},
+      "variants": {f"kstep_every{VARIANTS[v].get('every', 10)}_{v}": VARIANTS[v]
+                 for v in args.variants},
       "note": "ratios are t(config)/t(optax.sgd) within one interleaved round; one estimate's "
               "cost in steps is ratio(every=1) - 1",
       "steps_per_s": {k: _quartiles(args.chunk / v) for k, v in t.items()},
