@@ -47,6 +47,11 @@ VARIANTS = {
 }
 
 
+def _variant_name(variant: str) -> str:
+  """The configuration's name: its own ``every`` (10 unless the variant sets it) and the variant."""
+  return f"kstep_every{VARIANTS[variant].get('every', 10)}_{variant}"
+
+
 def _builders(problem: tasks.Problem, everies, variants):
   apply_fn = lambda params, batch: problem.apply(params, batch["x"])
   kloss = KSTEP_LOSS[problem.loss]
@@ -62,7 +67,7 @@ def _builders(problem: tasks.Problem, everies, variants):
   for e in everies:
     opts[f"kstep_every{e}"] = kopt(every=e)
   for v in variants:
-    opts[f"kstep_every{VARIANTS[v].get('every', 10)}_{v}"] = kopt(**VARIANTS[v])
+    opts[_variant_name(v)] = kopt(**VARIANTS[v])
 
   def train_chunk(opt):
     @jax.jit
@@ -136,8 +141,7 @@ def measure(problem: tasks.Problem, args: argparse.Namespace, path) -> dict:
       "batch_size": problem.batch_size, "chunk_steps": args.chunk, "rounds": args.rounds,
       "defaults": "k_controlled_sgd at its defaults (guard on, probe_batch_size=32, "
                   "sharpness_iters=2, refresh_every=4); variants change one argument at every=10",
-      "variants": {f"kstep_every{VARIANTS[v].get('every', 10)}_{v}": VARIANTS[v]
-                 for v in args.variants},
+      "variants": {_variant_name(v): VARIANTS[v] for v in args.variants},
       "note": "ratios are t(config)/t(optax.sgd) within one interleaved round; one estimate's "
               "cost in steps is ratio(every=1) - 1",
       "steps_per_s": {k: _quartiles(args.chunk / v) for k, v in t.items()},

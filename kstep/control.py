@@ -285,8 +285,9 @@ def scale_by_k_control(
     base = arguments.schedule_value(learning_rate, count)
     lo = arguments.schedule_value(lo_sched, count)
     hi = arguments.schedule_value(hi_sched, count)
-    d = 1.0 if decay_fn is None else arguments.schedule_value(decay_fn, count)
-    lo, hi = d * lo, d * hi
+    if decay_fn is not None:
+      d = arguments.schedule_value(decay_fn, count)
+      lo, hi = d * lo, d * hi
     alpha = 1.0 - jnp.asarray(momentum, jnp.float32)
     has_scale = state.k_num_estimates > 0
     eta_one = 2.0 * alpha * b / jnp.where(has_scale, state.k_scale, 1.0)
