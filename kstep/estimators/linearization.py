@@ -69,6 +69,17 @@ def linearize(apply_fn: Callable[[PyTree, Any], Array], params: PyTree, batch: A
   return LinearizedModel(params, outputs.reshape(b, -1), out_shape, jvp, vjp, b, b_total, first_row)
 
 
+def vjps(lin: LinearizedModel, cotangents: Array) -> list[PyTree]:
+  """``[Jᵀ u_1, ..., Jᵀ u_k]`` for a stack ``cotangents`` of shape ``(k, b, ...)`` (k static).
+
+  One VJP per cotangent, unrolled, all sharing the one forward pass. Measured against ``vmap``
+  over the stack (MNIST MLP, 32 rows, CPU, interleaved, 15 rounds): 2 cotangents 0.62 against
+  0.78 SGD steps, 3 cotangents 0.77–0.86 against 1.03–1.07 (``vmap`` moves the stack into the
+  weight gradients' matmuls and transposes their P-sized outputs back).
+  """
+  return [lin.vjp(u) for u in cotangents]
+
+
 def num_rows(apply_fn: Callable[[PyTree, Any], Array], params: PyTree, batch: Any, *,
              axis_name: AxisName = None) -> tuple[int, int]:
   """``(B, C)`` of ``apply_fn(params, batch)`` from shapes alone (no computation): B the rows of

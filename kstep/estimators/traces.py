@@ -234,18 +234,15 @@ def probe_cotangents(lin: linearization.LinearizedModel, specs: tuple[losses.Out
   return jnp.stack(cotangents)
 
 
-def probe_samples(vjps: PyTree, num_rows_total: int, *, axis_name: AxisName = None,
+def probe_samples(vjps: list[PyTree], num_rows_total: int, *, axis_name: AxisName = None,
                   per_shard: bool = False) -> Array:
-  """``‖Σ_i J_iᵀ u_i‖² / B`` for each of a stack of probes' VJPs (leading axis): the trace
-  samples. With ``per_shard`` the devices' squared norms are summed instead (see
+  """``‖Σ_i J_iᵀ u_i‖² / B`` for each probe's VJP in ``vjps`` (a list): the trace samples,
+  shape ``(len(vjps),)``. With ``per_shard`` the devices' squared norms are summed instead (see
   :func:`gauss_newton_trace`)."""
-  sq = lambda tree: sum(
-      jnp.sum(jnp.square(x.astype(jnp.float32)), axis=tuple(range(1, x.ndim)))
-      for x in jax.tree.leaves(tree)
-  )
+  sq = lambda tree: sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree))
   if per_shard:
-    return data_axis.psum(sq(vjps), axis_name) / num_rows_total
-  return sq(data_axis.psum(tm.f32(vjps), axis_name)) / num_rows_total
+    return data_axis.psum(jnp.stack([sq(g) for g in vjps]), axis_name) / num_rows_total
+  return jnp.stack([sq(data_axis.psum(tm.f32(g), axis_name)) for g in vjps]) / num_rows_total
 
 
 def hutchinson_traces(
@@ -261,16 +258,16 @@ def hutchinson_traces(
 ) -> tuple[TraceEstimate, ...]:
   """Traces of several named losses' Gauss–Newton matrices from shared probes' VJPs.
 
-  Per probe, each loss samples its own cotangent (:func:`probe_cotangents`) and one batched VJP
-  (``vmap`` over the stacked cotangents) differentiates them all: e.g. the Gauss–Newton trace
-  and the trace floor's NTK trace in one pass.
+  Per probe, each loss samples its own cotangent (:func:`probe_cotangents`) and one VJP each
+  differentiates them from the one forward pass (:func:`kstep.estimators.linearization.vjps`):
+  e.g. the Gauss–Newton trace and the trace floor's NTK trace.
   """
   specs = tuple(s.for_output_shape(lin.out_shape) for s in specs)
   per_shard = probe_scope == "per_shard"
 
   def probe(k: Array) -> Array:
     cotangents = probe_cotangents(lin, specs, batch, k, axis_name=axis_name, per_shard=per_shard)
-    return probe_samples(jax.vmap(lin.vjp)(cotangents), lin.num_rows_total,
+    return probe_samples(linearization.vjps(lin, cotangents), lin.num_rows_total,
                          axis_name=axis_name, per_shard=per_shard)
 
   samples = _map_probes(probe, key, num_probes, chunk_size)  # (probes, losses)
