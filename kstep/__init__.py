@@ -24,6 +24,7 @@ from kstep.estimators import (
     ntk_trace,
     output_kernel,
 )
+from kstep.fused import FusedProbe, value_and_grad
 from kstep.hyperparams import inject_hyperparams
 from kstep.noise_kernel import (
     k_exact,

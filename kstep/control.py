@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from kstep import arguments, control_state, estimators, k_estimate, losses, noise_kernel
+from kstep import arguments, control_state, estimators, fused, k_estimate, losses, noise_kernel
 from kstep.control_state import ScaleByKControlState
 from kstep.estimators.data_axis import AxisName
 
@@ -59,7 +59,7 @@ def curvature_edge(momentum: Any, nesterov: bool = False) -> Array:
   return 2.0 * (1.0 + mu) / (1.0 + 2.0 * mu) if nesterov else 2.0 * (1.0 + mu)
 
 
-def _resolve_trace_floor(trace_floor: Any, loss: Any) -> Any:
+def resolve_trace_floor(trace_floor: Any, loss: Any) -> Any:
   if isinstance(trace_floor, str) and trace_floor == "auto":
     named_ce = isinstance(loss, str) and loss.endswith("cross_entropy")
     return CROSS_ENTROPY_TRACE_FLOOR if named_ce else None
@@ -201,7 +201,7 @@ def scale_by_k_control(
   if arguments.is_number(max_change) and not float(max_change) > 1.0:
     raise ValueError(f"`max_change` must be > 1; got {max_change!r}.")
   arguments.check_optional("max_scale", max_scale, 0.0)
-  trace_floor = _resolve_trace_floor(trace_floor, loss)
+  trace_floor = resolve_trace_floor(trace_floor, loss)
   arguments.check_seed(seed)
   guard = max_sharpness_ratio is not None
   spec = losses.resolve_loss(loss)
@@ -222,7 +222,7 @@ def scale_by_k_control(
         k_num_skipped=izero, k_num_raised=izero, k_num_lowered=izero, k_num_capped=izero,
         gn_lambda_max=nan, sharpness_ratio=nan, sharpness_num_estimates=izero,
         sharpness_num_skipped=izero,
-        gn_eigenvector=vector,
+        gn_eigenvector=vector, next_estimate=jnp.asarray(control_state.COLD, jnp.int32),
     )
 
   def measure(state: ScaleByKControlState, params: Any, batch: Any, cold: bool, full: bool):
@@ -241,27 +241,32 @@ def scale_by_k_control(
         axis_name=axis_name, probe_scope=probe_scope,
     )
 
-  def estimate(state: ScaleByKControlState, params: Any, batch: Any) -> ScaleByKControlState:
-    first = state.k_num_estimates == 0
-    if guard or trace_floor is not None:
-      # A full estimate (power steps, the floor's probe) at every refresh_every-th estimate and
-      # whenever the last step came near the guard's cap (or has no λ̄ yet: a NaN ratio); the
-      # others reuse λ̄, the vector and the floor's NTK scale.
-      full = (state.count // every) % refresh_every == 0
-      if guard:
-        full = full | ~(state.sharpness_ratio < SHARPNESS_NEAR * max_sharpness_ratio)
-      light = lambda: measure(state, params, batch, False, False)._replace(
-          eigenvector=state.gn_eigenvector if guard else None)
-      est = jax.lax.switch(
-          jnp.where(first, 0, jnp.where(full, 1, 2)),
-          [lambda: measure(state, params, batch, True, True),
-           lambda: measure(state, params, batch, False, True), light],
-      )
-      full = first | full
+  def from_probe(state: ScaleByKControlState, probe: Any, c: int, full: bool):
+    # kstep.value_and_grad's measurements (the same probes and rows as measure()'s).
+    scale = probe.trace / c if norm == "per_output" else probe.trace
+    vector = (probe.eigenvector if full else state.gn_eigenvector) if guard else None
+    return k_estimate.assemble(
+        probe.trace, scale, probe.lambda_max if guard and full else jnp.float32(jnp.nan),
+        vector, num_outputs=c, output_norm=norm, trace_floor=trace_floor,
+        ntk_trace=probe.ntk_trace, ntk_scale=None if full else state.k_ntk_scale)
+
+  def estimate(state: ScaleByKControlState, params: Any, batch: Any, probe: Any,
+               c: int) -> ScaleByKControlState:
+    # state.next_estimate, set by the last update: the first (cold) estimate, a full one (power
+    # steps, the floor's probe) or a light one reusing λ̄, the vector and the floor's NTK scale.
+    first = state.next_estimate == control_state.COLD
+    full = first | (state.next_estimate == control_state.FULL)
+    branches = [lambda: measure(state, params, batch, True, True)]
+    if probe is None:
+      branches.append(lambda: measure(state, params, batch, False, True))
+      branches.append(lambda: measure(state, params, batch, False, False)._replace(
+          eigenvector=state.gn_eigenvector if guard else None))
     else:
-      full = jnp.bool_(False)
-      est = jax.lax.cond(first, lambda: measure(state, params, batch, True, True),
-                         lambda: measure(state, params, batch, False, True))
+      branches += [lambda: from_probe(state, probe, c, True),
+                   lambda: from_probe(state, probe, c, False)]
+    if not (guard or trace_floor is not None):
+      branches, full = branches[:2], jnp.bool_(True)  # light = full without guard and floor
+    est = jax.lax.switch(jnp.where(first, 0, jnp.where(full, 1, 2)), branches)
     return control_state.absorb(state, est, first=first, full=full, guard=guard,
                                 smoothing=smoothing, max_change=max_change)
 
@@ -278,8 +283,14 @@ def scale_by_k_control(
                        "batch=batch).")
     arguments.check_real_params(params, "k_controlled_sgd")
     b, c = k_estimate.batch_rows(apply_fn, params, batch, batch_size, axis_name=axis_name)
+    probe = extra_args.get("probe")
+    if probe is not None:
+      fused.check_probe(probe, loss=spec, trace_floor=trace_floor, num_probes=num_probes,
+                        sharpness_iters=sharpness_iters, probe_batch_size=probe_batch_size,
+                        estimator=estimator, output_norm=norm, axis_name=axis_name)
     state = jax.lax.cond(
-        state.count % every == 0, lambda s: estimate(s, params, batch), lambda s: s, state
+        state.count % every == 0, lambda s: estimate(s, params, batch, probe, c), lambda s: s,
+        state
     )
     count = state.count
     base = arguments.schedule_value(learning_rate, count)
@@ -305,7 +316,7 @@ def scale_by_k_control(
       ratio = jnp.where(has_lam, eta * state.gn_lambda_max / edge, jnp.nan)
     k = jnp.where(has_scale, noise_kernel.k_from_trace(eta, b, state.k_scale, momentum), jnp.nan)
     updates = jax.tree.map(lambda u: (sign * eta * u).astype(u.dtype), updates)
-    return updates, state._replace(
+    state = state._replace(
         count=optax.safe_increment(count), k=k.astype(jnp.float32), k_learning_rate=eta,
         k_base_learning_rate=base, k_num_outputs=jnp.asarray(c, jnp.int32),
         k_num_raised=state.k_num_raised + (eta > base).astype(jnp.int32),
@@ -313,6 +324,9 @@ def scale_by_k_control(
         k_num_capped=state.k_num_capped + capped.astype(jnp.int32),
         sharpness_ratio=ratio.astype(jnp.float32),
     )
+    near = ~(ratio < SHARPNESS_NEAR * max_sharpness_ratio) if guard else None
+    return updates, state._replace(next_estimate=control_state.next_estimate(
+        state, every=every, refresh_every=refresh_every, near=near))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

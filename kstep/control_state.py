@@ -11,6 +11,8 @@ from kstep import k_estimate
 Array = jax.Array
 
 SHARPNESS_HOLD = 0.8
+# ``next_estimate``: what the next update's estimate is (kstep.value_and_grad reads it too).
+NONE, COLD, FULL, LIGHT = 0, 1, 2, 3
 
 
 class ScaleByKControlState(NamedTuple):
@@ -42,6 +44,9 @@ class ScaleByKControlState(NamedTuple):
     sharpness_num_skipped: λ estimates skipped as NaN/Inf/≤ 0 (int32).
     gn_eigenvector: the guard's power-iteration vector (float32, shaped like params), or ``()``
       with the guard off.
+    next_estimate: the next update's estimate (int32): ``NONE``, ``COLD`` (the first: whole
+      batch, more probes and power steps), ``FULL`` (with the guard's power steps and the
+      floor's NTK probe) or ``LIGHT`` (reusing λ̄, its vector and the floor's NTK scale).
   """
 
   count: Array
@@ -66,6 +71,7 @@ class ScaleByKControlState(NamedTuple):
   sharpness_num_estimates: Array
   sharpness_num_skipped: Array
   gn_eigenvector: Any
+  next_estimate: Array
 
   STATS_FIELDS = (
       "k", "k_scale", "k_trace", "k_trace_raw", "k_trace_stderr", "k_ntk_scale", "k_learning_rate",
@@ -73,6 +79,20 @@ class ScaleByKControlState(NamedTuple):
       "k_num_raised", "k_num_lowered", "k_num_capped", "gn_lambda_max", "sharpness_ratio",
       "sharpness_num_estimates", "sharpness_num_skipped",
   )
+
+
+def next_estimate(state: ScaleByKControlState, *, every: int, refresh_every: int,
+                  near: Array | None) -> Array:
+  """``state.next_estimate`` for the update after ``state`` (its ``count`` already advanced):
+  ``NONE`` between estimates, ``COLD`` until the first valid estimate, ``FULL`` at every
+  ``refresh_every``-th estimate and whenever ``near`` (the last step came near the guard's cap,
+  or there is no λ̄ yet), else ``LIGHT``."""
+  count = state.count
+  full = (count // every) % refresh_every == 0
+  if near is not None:
+    full = full | near
+  mode = jnp.where(state.k_num_estimates == 0, COLD, jnp.where(full, FULL, LIGHT))
+  return jnp.where(count % every == 0, mode, NONE).astype(jnp.int32)
 
 
 def absorb(state: ScaleByKControlState, est: k_estimate.KEstimate, *, first: Array, full: Array,

@@ -19,9 +19,10 @@ few steps inside ``lax.cond``. From one linearisation of the model on the batch
 * ``lambda_max`` and ``eigenvector``: with a guard vector given, the top eigenvalue of the
   Gauss–Newton matrix ``(1/B) Σ_i J_iᵀ H_i J_i`` on the batch by ``num_iters`` steps of power
   iteration warm-started from that vector (the Rayleigh quotient: a lower bound that converges as
-  the warm start carries over between estimates). Each step is one JVP and one VJP; with one
-  probe of a named loss the last step's VJP is batched with the probes' VJPs (one ``vmap``ped
-  VJP for every cotangent, :func:`_probe_and_power_step`).
+  the warm start carries over between estimates). Each step is one JVP and one VJP.
+
+Every product shares the one forward pass; the VJPs of stacked cotangents run one after another
+(:func:`kstep.estimators.linearization.vjps`: on CPU cheaper than one ``vmap``ped VJP).
 
 ``"auto"`` resolves to ``"per_output"`` for ``"mse"`` and callables and to ``"total"`` for the
 cross-entropies: at a uniform softmax H ≈ I/C, so the Gauss–Newton trace already carries the 1/C
@@ -120,7 +121,7 @@ class KEstimate(NamedTuple):
   ntk_scale: Array
 
 
-def _power_update(u: PyTree, w: PyTree) -> tuple[PyTree, Array]:
+def power_update(u: PyTree, w: PyTree) -> tuple[PyTree, Array]:
   """A power step's result from the unit vector ``u`` and its product ``w = G u``: the
   normalised ``w`` (``u`` where ``w`` vanishes) and the Rayleigh quotient ``uᵀ w``."""
   w = tm.f32(w)
@@ -146,7 +147,7 @@ def gauss_newton_power(
 
   def body(_, carry):
     u, _ = carry
-    return _power_update(
+    return power_update(
         u, products.linearized_gauss_newton_vp(lin, loss, batch, u, axis_name=axis_name))
 
   carry = (tm.unit(tm.f32(v))[0], jnp.float32(0.0))
@@ -156,42 +157,6 @@ def gauss_newton_power(
     for i in range(num_iters):
       carry = body(i, carry)
   return carry[1], carry[0]
-
-
-def _probe_and_power_step(
-    lin: linearization.LinearizedModel,
-    specs: tuple[losses.OutputLoss, ...],
-    batch: Any,
-    key: Array,
-    v: PyTree,
-    *,
-    axis_name: AxisName = None,
-    probe_scope: str = "global",
-) -> tuple[Array, Array, PyTree]:
-  """One trace probe per loss in ``specs`` and one Gauss–Newton power step from ``v`` (of
-  ``specs[0]``), every VJP in one batched pass: ``Jᵀ`` of the stacked cotangents
-  ``[u_1, ..., u_k, H J v̂ / B]``, after one JVP for ``J v̂``.
-
-  Returns ``(samples, λ, v')``: the probes' trace samples ``(k,)``
-  (:func:`kstep.estimators.traces.probe_samples`), the Rayleigh quotient ``v̂ᵀ G v̂`` and the
-  normalised ``G v̂`` (``v̂`` where it vanishes), as :func:`gauss_newton_power` with one step.
-  The saving is small: a jitted estimate with one power step measured 1.13 against 1.22 SGD
-  steps for the separate passes (MNIST MLP, CE, 32 of 128 rows, CPU; within this machine's
-  noise); the products' cost is in the JVP and the P-sized VJP outputs, not in their number.
-  """
-  per_shard = probe_scope == "per_shard"
-  shaped = tuple(s.for_output_shape(lin.out_shape) for s in specs)
-  u = tm.unit(tm.f32(v))[0]
-  power = products.gauss_newton_cotangent(lin, shaped[0], batch, u, axis_name=axis_name)
-  cotangents = traces.probe_cotangents(lin, shaped, batch, key, axis_name=axis_name,
-                                       per_shard=per_shard)
-  stacked = jnp.concatenate([cotangents, power[None].astype(cotangents.dtype)])
-  vjps = jax.vmap(lin.vjp)(stacked)
-  k = len(specs)
-  samples = traces.probe_samples(jax.tree.map(lambda x: x[:k], vjps), lin.num_rows_total,
-                                 axis_name=axis_name, per_shard=per_shard)
-  v_next, lam = _power_update(u, data_axis.psum(jax.tree.map(lambda x: x[k], vjps), axis_name))
-  return samples, lam, v_next
 
 
 def estimate(
@@ -215,8 +180,7 @@ def estimate(
 
   ``output_norm`` must be resolved (not ``"auto"``). Cost: one forward pass; ``num_probes`` VJPs
   (C per probe for ``"max_output"``); one more VJP with ``trace_floor``; ``power_iters`` JVP+VJP
-  pairs with ``eigenvector``. With one probe of a named loss and a guard vector (the
-  controller's default) the last power step's VJP and the probes' VJPs run as one batched VJP.
+  pairs with ``eigenvector``.
   ``estimator="exact"`` replaces the probes by B per-example Jacobians. A given ``ntk_scale``
   (with ``trace_floor``; an earlier estimate's) replaces the floor's probe.
   """
@@ -226,9 +190,6 @@ def estimate(
   ntk = None
   keys = jax.random.split(key, 2)
   lam = jnp.full((), jnp.nan, jnp.float32)
-  # One probe of a named loss beside a guard: the power step's VJP rides with the probes'.
-  merged = (eigenvector is not None and estimator == "hutchinson" and num_probes == 1
-            and output_norm != "max_output" and loss.noise is not None)
   common = dict(axis_name=axis_name, probe_scope=probe_scope)
   if output_norm == "max_output":
     if estimator == "exact":
@@ -246,20 +207,8 @@ def estimate(
       trace = traces.gauss_newton_trace(
           apply_fn, params, batch, loss=loss, method="exact", **common
       ).value
-    elif merged:
-      # The guard's last power step and the probes: one batched VJP (see _probe_and_power_step).
-      if power_iters > 1:
-        _, eigenvector = gauss_newton_power(
-            lin, loss, batch, eigenvector, power_iters - 1, axis_name=axis_name
-        )
-      specs = (loss,) if trace_floor is None or ntk_scale is not None else (loss, mse)
-      samples, lam, eigenvector = _probe_and_power_step(
-          lin, specs, batch, jax.random.split(keys[0], 1)[0], eigenvector,
-          axis_name=axis_name, probe_scope=probe_scope,
-      )
-      trace, ntk = samples[0], (samples[1] if len(specs) > 1 else None)
     elif trace_floor is not None and ntk_scale is None and loss.noise is not None:
-      # The trace and its floor's NTK trace from one batched VJP per probe.
+      # The trace and its floor's NTK trace: one VJP each per probe, one forward pass.
       trace, ntk = (e.value for e in traces.hutchinson_traces(
           lin, (loss, mse), batch, key=keys[0], num_probes=num_probes, **common))
     else:
@@ -267,17 +216,28 @@ def estimate(
           lin, loss, batch, key=keys[0], num_probes=num_probes, **common
       ).value
     scale = trace / c if output_norm == "per_output" else trace
+  if trace_floor is not None and ntk_scale is None and ntk is None:
+    ntk = traces.hutchinson_trace(lin, mse, batch, key=keys[1], **common).value
+  if eigenvector is not None:
+    lam, eigenvector = gauss_newton_power(
+        lin, loss, batch, eigenvector, power_iters, axis_name=axis_name
+    )
+  return assemble(trace, scale, lam, eigenvector, num_outputs=c, output_norm=output_norm,
+                  trace_floor=trace_floor, ntk_trace=ntk, ntk_scale=ntk_scale)
+
+
+def assemble(trace: Array, scale: Array, lambda_max: Array, eigenvector: PyTree | None, *,
+             num_outputs: int, output_norm: str, trace_floor: Any = None,
+             ntk_trace: Array | None = None, ntk_scale: Any = None) -> KEstimate:
+  """A :class:`KEstimate` from its measured parts, the trace floor applied:
+  ``Ŝ ← max(Ŝ, ρ · Ŝ_NTK)`` with ``Ŝ_NTK`` the given ``ntk_scale`` or, without one, the NTK
+  trace ``ntk_trace`` in the ``output_norm``'s units (``/C`` unless ``"total"``)."""
   floor = jnp.full((), jnp.nan, jnp.float32)
   if trace_floor is not None:
     if ntk_scale is not None:
       floor = jnp.asarray(ntk_scale, jnp.float32)
     else:
-      if ntk is None:
-        ntk = traces.hutchinson_trace(lin, mse, batch, key=keys[1], **common).value
-      floor = (ntk / (1 if output_norm == "total" else c)).astype(jnp.float32)
+      floor = (ntk_trace / (1 if output_norm == "total" else num_outputs)).astype(jnp.float32)
     scale = jnp.maximum(scale, trace_floor * floor)
-  if eigenvector is not None and not merged:
-    lam, eigenvector = gauss_newton_power(
-        lin, loss, batch, eigenvector, power_iters, axis_name=axis_name
-    )
-  return KEstimate(trace.astype(jnp.float32), scale.astype(jnp.float32), lam, eigenvector, floor)
+  return KEstimate(jnp.asarray(trace, jnp.float32), jnp.asarray(scale, jnp.float32),
+                   jnp.asarray(lambda_max, jnp.float32), eigenvector, floor)

@@ -926,10 +926,10 @@ def test_nan_outputs_with_cross_entropy_floor_are_skipped():
 
 @pytest.mark.slow
 def test_trace_floor_auto():
-  assert control._resolve_trace_floor("auto", "softmax_cross_entropy") == 0.03
-  assert control._resolve_trace_floor("auto", "sigmoid_binary_cross_entropy") == 0.03
-  assert control._resolve_trace_floor("auto", "mse") is None
-  assert control._resolve_trace_floor("auto", lambda out, batch: out.sum(-1)) is None
+  assert control.resolve_trace_floor("auto", "softmax_cross_entropy") == 0.03
+  assert control.resolve_trace_floor("auto", "sigmoid_binary_cross_entropy") == 0.03
+  assert control.resolve_trace_floor("auto", "mse") is None
+  assert control.resolve_trace_floor("auto", lambda out, batch: out.sum(-1)) is None
   # A saturated softmax (logits 10 apart): the Gauss–Newton trace is ~1e-3 of the NTK trace.
   batch = {"x": jnp.eye(C, D), "scale": jnp.ones((C, 1))}
   params = {"w": 10.0 * jnp.eye(D, C)}

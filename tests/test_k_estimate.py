@@ -75,7 +75,7 @@ def _dense_gauss_newton(loss_name):
 
 @pytest.mark.parametrize("loss_name", [pytest.param("mse", marks=pytest.mark.slow),
                                        "softmax_cross_entropy"])
-def test_merged_probe_and_power_step_matches_dense_and_separate_passes(loss_name):
+def test_estimate_power_steps_and_probes_match_dense_and_separate_passes(loss_name):
   spec = losses.resolve_loss(loss_name)
   mse = losses.resolve_loss("mse")
   g, flat, unravel = _dense_gauss_newton(loss_name)

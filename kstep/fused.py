@@ -1,0 +1,232 @@
+"""The fused path: the training step's own forward pass feeds the K controller's estimate.
+
+An estimate (:mod:`kstep.k_estimate`) linearises the model on about ``probe_batch_size`` rows of
+the batch: one forward pass, then one VJP per probe cotangent and a JVP and VJP per power step.
+The training step has just run the forward pass on those rows. :func:`value_and_grad` runs it
+once for both: it splits the batch into the probe rows (linearised: ``jax.linearize``) and the
+rest (``jax.vjp``), and on the probe rows differentiates the loss's output gradient *and* the
+estimate's cotangents from the one linearisation. The loss, the gradient and a
+:class:`FusedProbe` come back; ``update(..., probe=probe)`` uses the probe instead of estimating
+again, so an estimate costs only its extra products.
+
+Which estimate the next update makes (none, the first, a full one with the guard's power steps
+and the floor's NTK probe, or a light one) is decided by the controller at the previous update
+and kept in its state (``next_estimate``); :func:`value_and_grad` reads it there, so the two
+always agree. On steps without an estimate it is ``jax.value_and_grad`` of the mean loss; the
+first estimate (whole batch, more probes) is left to ``update``.
+
+With the same key and rows, the fused estimate is the unfused one (tested to float32 rounding),
+and the gradient is ``jax.grad`` of the mean per-example loss.
+"""
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kstep import arguments, control_state, k_estimate, losses
+from kstep.control_state import ScaleByKControlState
+from kstep.estimators import linearization, products, traces
+from kstep.estimators import tree_math as tm
+
+Array = jax.Array
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class FusedProbe:
+  """What :func:`value_and_grad` measured for the next update's estimate (a pytree).
+
+  Attributes:
+    trace: T̂ on the probe rows (one probe); NaN where this step has no fused estimate.
+    ntk_trace: the floor's NTK trace on the probe rows (NaN where not probed).
+    lambda_max: the guard's Rayleigh quotient after the power steps (NaN where none ran).
+    eigenvector: the power iteration's next vector (the state's where none ran; ``()`` without
+      a guard).
+    loss_name, probe_batch_size, sharpness_iters, trace_floor: the static configuration it was
+      made with; ``update`` checks it against its own.
+  """
+
+  trace: Array
+  ntk_trace: Array
+  lambda_max: Array
+  eigenvector: PyTree
+  loss_name: str
+  probe_batch_size: int | None
+  sharpness_iters: int
+  trace_floor: bool
+
+
+jax.tree_util.register_dataclass(
+    FusedProbe, data_fields=["trace", "ntk_trace", "lambda_max", "eigenvector"],
+    meta_fields=["loss_name", "probe_batch_size", "sharpness_iters", "trace_floor"],
+)
+
+
+def controller_state(state: Any) -> ScaleByKControlState:
+  """The one :class:`kstep.ScaleByKControlState` inside an optimizer state.
+
+  Raises:
+    ValueError: none, or more than one.
+  """
+  found = [s for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, ScaleByKControlState))
+           if isinstance(s, ScaleByKControlState)]
+  if len(found) != 1:
+    raise ValueError(f"kstep.value_and_grad needs the state of an optimizer with exactly one K "
+                     f"controller (kstep.k_controlled_sgd); this state holds {len(found)}.")
+  return found[0]
+
+
+def check_probe(probe: Any, *, loss: losses.OutputLoss, trace_floor: Any, num_probes: int,
+                sharpness_iters: int, probe_batch_size: int | None, estimator: str,
+                output_norm: str, axis_name: Any) -> None:
+  """Raises ``ValueError`` (at trace time) where ``probe`` does not fit the controller."""
+  if not isinstance(probe, FusedProbe):
+    raise ValueError(f"`probe` must come from kstep.value_and_grad; got {type(probe).__name__}.")
+  if axis_name is not None or estimator != "hutchinson" or num_probes != 1 or (
+      output_norm == "max_output"):
+    raise ValueError("kstep.value_and_grad's probe needs a controller with num_probes=1, "
+                     "estimator='hutchinson', output_norm other than 'max_output' and no "
+                     "axis_name; call update without `probe` instead.")
+  mine = dict(loss=loss.name, trace_floor=trace_floor is not None,
+              sharpness_iters=sharpness_iters, probe_batch_size=probe_batch_size)
+  theirs = dict(loss=probe.loss_name, trace_floor=probe.trace_floor,
+                sharpness_iters=probe.sharpness_iters, probe_batch_size=probe.probe_batch_size)
+  for name in mine:
+    if mine[name] != theirs[name]:
+      raise ValueError(f"kstep.value_and_grad was built with {name}={theirs[name]!r} but the "
+                       f"controller has {name}={mine[name]!r}: pass the controller's value.")
+
+
+def _split_rows(batch: Any, rows: int, stride: int) -> tuple[Any, Any]:
+  """``(probe, rest)``: every ``stride``-th row (:func:`kstep.k_estimate.probe_rows`) and the
+  others, for leaves whose leading dimension is ``rows``; other leaves go to both whole."""
+  keep = np.arange(0, rows, stride)
+  rest = np.setdiff1d(np.arange(rows), keep)
+
+  def split(leaf: Any) -> tuple[Any, Any]:
+    if jnp.ndim(leaf) == 0 or jnp.shape(leaf)[0] != rows:
+      return leaf, leaf
+    return leaf[::stride], jnp.take(jnp.asarray(leaf), rest, axis=0)
+
+  pairs = jax.tree.map(split, batch)
+  is_pair = lambda x: isinstance(x, tuple) and len(x) == 2 and not isinstance(x, list)
+  return (jax.tree.map(lambda p: p[0], pairs, is_leaf=is_pair),
+          jax.tree.map(lambda p: p[1], pairs, is_leaf=is_pair))
+
+
+def value_and_grad(
+    per_example_loss: Callable[[Array, Any], Array],
+    apply_fn: Callable[[PyTree, Any], Array],
+    *,
+    loss: str | Callable[..., Array] = "mse",
+    trace_floor: float | str | None = "auto",
+    probe_batch_size: int | None = None,
+    sharpness_iters: int | None = None,
+) -> Callable[..., tuple[tuple[Array, FusedProbe], PyTree]]:
+  """``f(params, batch, *, state) -> ((loss, probe), grads)``: the training loss, its gradient
+  and the K controller's next estimate from one forward pass (module docstring).
+
+  The loss is ``mean_i per_example_loss(apply_fn(params, batch), batch)_i``; add weight decay
+  and other regularisers in the optimizer (``weight_decay=``). ``loss``, ``trace_floor``,
+  ``probe_batch_size`` and ``sharpness_iters`` must be the controller's (``None``: its
+  defaults); ``update`` raises ``ValueError`` otherwise. Needs one probe per estimate, the
+  Hutchinson estimator, an output norm other than ``"max_output"`` and no ``axis_name`` (under
+  ``jax.jit`` with sharded arrays it works as is).
+
+  >>> import jax, jax.numpy as jnp, optax, kstep
+  >>> apply_fn = lambda p, batch: batch["x"] @ p["w"]
+  >>> per_example = lambda out, batch: 0.5 * jnp.sum((out - batch["y"]) ** 2, axis=-1)
+  >>> params = {"w": jnp.zeros((3, 2))}
+  >>> batch = {"x": jnp.ones((64, 3)), "y": jnp.ones((64, 2))}
+  >>> opt = kstep.k_controlled_sgd(1.0, apply_fn=apply_fn, every=2, decay_steps=100)
+  >>> grad_fn = kstep.value_and_grad(per_example, apply_fn)
+  >>> @jax.jit
+  ... def step(params, state, batch):
+  ...   (loss, probe), grads = grad_fn(params, batch, state=state)
+  ...   updates, state = opt.update(grads, state, params, batch=batch, probe=probe)
+  ...   return optax.apply_updates(params, updates), state, loss
+  >>> state = opt.init(params)
+  >>> for _ in range(40):
+  ...   params, state, loss = step(params, state, batch)
+  >>> bool(loss < 0.05), int(kstep.stats(state)["k_num_estimates"])  # from 1.0 at w = 0
+  (True, 20)
+
+  Raises:
+    ValueError: at construction, naming the argument that is out of range; at the call, a state
+      without exactly one K controller.
+  """
+  from kstep import control  # the controller imports this module's FusedProbe
+
+  arguments.check_callable("per_example_loss", per_example_loss, "(outputs, batch) -> (B,)")
+  arguments.check_callable("apply_fn", apply_fn, "apply_fn(params, batch) -> outputs")
+  spec = losses.resolve_loss(loss)
+  if spec.noise is None:
+    raise ValueError("kstep.value_and_grad needs a named `loss` (a callable has no probe "
+                     "sampler; use the unfused update).")
+  floor = control.resolve_trace_floor(trace_floor, loss) is not None
+  pbs = control.DEFAULT_PROBE_BATCH_SIZE if probe_batch_size is None else probe_batch_size
+  if pbs is not None:
+    arguments.check_static_int("probe_batch_size", pbs, "sets the sub-batch's stride (a shape)")
+  iters = control.DEFAULT_SHARPNESS_ITERS if sharpness_iters is None else sharpness_iters
+  iters = arguments.check_static_int("sharpness_iters", iters, "sets the number of power steps")
+  mse = losses.resolve_loss("mse")
+
+  def mean_loss(params: PyTree, batch: Any) -> Array:
+    return jnp.mean(per_example_loss(apply_fn(params, batch), batch))
+
+  def fused(params: PyTree, batch: Any, ctl: ScaleByKControlState, full: bool):
+    rows = jax.eval_shape(lambda p: apply_fn(p, batch), params).shape[0]
+    stride = 1 if pbs is None or pbs >= rows else rows // pbs
+    probe_batch, rest_batch = _split_rows(batch, rows, stride)
+    lin = linearization.linearize(apply_fn, params, probe_batch)
+    out_p = lin.outputs.reshape(lin.out_shape)
+    sum_loss = lambda out, b: jnp.sum(per_example_loss(out, b))
+    value_p, grad_out_p = jax.value_and_grad(sum_loss)(out_p, probe_batch)
+    cotangents = [grad_out_p.reshape(lin.outputs.shape) / rows]
+    value_rest, grads_rest = jnp.zeros((), value_p.dtype), None
+    if stride > 1:
+      out_r, vjp_r = jax.vjp(lambda p: apply_fn(p, rest_batch), params)
+      value_rest, grad_out_r = jax.value_and_grad(sum_loss)(out_r, rest_batch)
+      grads_rest = vjp_r(grad_out_r / rows)[0]
+    # The controller's keys: estimate() splits the folded key in two and the first probe uses
+    # the first half's first split (traces._map_probes), so fused and unfused probes agree.
+    key = jax.random.fold_in(ctl.key, ctl.count)
+    probe_key = jax.random.split(jax.random.split(key, 2)[0], 1)[0]
+    specs = (spec, mse) if floor and full else (spec,)
+    shaped = tuple(s.for_output_shape(lin.out_shape) for s in specs)
+    cotangents += list(traces.probe_cotangents(lin, shaped, probe_batch, probe_key))
+    guard = full and bool(jax.tree.leaves(ctl.gn_eigenvector))
+    lam, vector = jnp.full((), jnp.nan, jnp.float32), ctl.gn_eigenvector
+    if guard:
+      if iters > 1:
+        _, vector = k_estimate.gauss_newton_power(lin, spec, probe_batch, vector, iters - 1)
+      unit = tm.unit(tm.f32(vector))[0]
+      cotangents.append(products.gauss_newton_cotangent(lin, shaped[0], probe_batch, unit))
+    vjps = linearization.vjps(lin, jnp.stack([c.astype(jnp.float32) for c in cotangents]))
+    grads = vjps[0] if grads_rest is None else jax.tree.map(jnp.add, vjps[0], grads_rest)
+    samples = traces.probe_samples(vjps[1:1 + len(specs)], lin.num_rows_total)
+    if guard:
+      vector, lam = k_estimate.power_update(unit, vjps[-1])
+    nan = jnp.full((), jnp.nan, jnp.float32)
+    probe = FusedProbe(samples[0], samples[1] if len(specs) > 1 else nan, lam, vector,
+                       spec.name, pbs, iters, floor)
+    return ((value_p + value_rest) / rows, probe), grads
+
+  def plain(params: PyTree, batch: Any, ctl: ScaleByKControlState):
+    value, grads = jax.value_and_grad(mean_loss)(params, batch)
+    nan = jnp.full((), jnp.nan, jnp.float32)
+    return (value, FusedProbe(nan, nan, nan, ctl.gn_eigenvector, spec.name, pbs, iters,
+                              floor)), grads
+
+  def f(params: PyTree, batch: Any, *, state: Any):
+    ctl = controller_state(state)
+    mode = ctl.next_estimate
+    branch = jnp.where(mode == control_state.FULL, 1, jnp.where(mode == control_state.LIGHT, 2, 0))
+    return jax.lax.switch(branch, [lambda: plain(params, batch, ctl),
+                                   lambda: fused(params, batch, ctl, True),
+                                   lambda: fused(params, batch, ctl, False)])
+
+  return f
