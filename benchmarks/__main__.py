@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import pathlib
 
@@ -19,6 +20,13 @@ def _ints(s: str) -> list[int]:
 
 def _strs(s: str) -> list[str]:
   return [x for x in s.split(",") if x]
+
+
+def _json_dict(s: str) -> dict:
+  value = json.loads(s)
+  if not isinstance(value, dict):
+    raise argparse.ArgumentTypeError(f"expected a JSON object, got {s!r}")
+  return value
 
 
 def _common(p: argparse.ArgumentParser, task: bool = True, batch_list: bool = True) -> None:
@@ -67,6 +75,10 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--band", type=_floats, default=None,
                  help="lo,hi band of the kstep optimizers (default: the controller's own); a "
                       "given band is reported as e.g. kstep[2.5-4]")
+  p.add_argument("--kstep-kwargs", type=_json_dict, default=None,
+                 help='JSON object of k_controlled_sgd arguments for the kstep rows, e.g. '
+                      '\'{"max_sharpness_ratio": 0.7}\' (a trial of the defaults; needs its own '
+                      '--results-dir, recorded in each run JSON as config.kstep.kwargs)')
   p.add_argument("--quick", action="store_true",
                  help=f"small demo sweep: mse, {','.join(QUICK_OPTIMIZERS)}, base LRs "
                       f"{','.join(f'{x:g}' for x in QUICK_LRS)}, 1 seed")
@@ -101,9 +113,11 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--every", type=_ints, default=[1, 10, 100])
   p.add_argument("--rounds", type=int, default=7)
   p.add_argument("--chunk", type=int, default=200, help="steps per timed chunk")
-  p.add_argument("--variants", type=_strs, default=[],
+  p.add_argument("--variants", type=_strs, default=["fused", "fused1"],
                  help="comma list of one-argument changes at every=10: noguard, refresh1, "
-                      "iters1, probe16, wholebatch, nofloor; rare, rare_noguard: every=1000")
+                      "iters1, probe16, wholebatch, nofloor; rare, rare_noguard: every=1000; "
+                      "fused, fused1: the fused path (kstep.value_and_grad) at every=10 and 1 "
+                      "(default: fused,fused1)")
 
   p = sub.add_parser("linreg", help="Figure 1 of the K paper: K vs eta and SGD divergence")
   _common(p, task=False)
@@ -158,8 +172,12 @@ def main(argv: list[str] | None = None) -> None:
       lrs, seeds = args.lrs or QUICK_LRS, args.seeds or [0]
     jobs = sweep.lr_jobs(losses, opts, lrs, seeds, tuple(args.band) if args.band else None,
                          batch_sizes)
+    if args.kstep_kwargs and args.results_dir == results_io.RESULTS_DIR:
+      raise SystemExit("run: --kstep-kwargs trials need their own --results-dir (the default "
+                       "one holds the runs at the controller's defaults)")
     counts = sweep.run_jobs(args.task, args.scale, jobs, root=args.results_dir,
-                            data_dir=args.data_dir, steps=steps, force=args.force)
+                            data_dir=args.data_dir, steps=steps, force=args.force,
+                            kstep_kwargs=args.kstep_kwargs)
   else:  # bands
     bad = [n for n in args.optimizers if n not in optimizers.KSTEP]
     if bad:

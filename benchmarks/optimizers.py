@@ -110,10 +110,12 @@ def schedule(name: str, lr: Any, steps: int) -> Callable[[Any], Any]:
 
 
 def make(name: str, lr: Any, *, steps: int, apply_fn: Callable, loss: str, batch_size: int,
-         band: Any = None, seed: Any = 0) -> optax.GradientTransformationExtraArgs:
+         band: Any = None, seed: Any = 0,
+         kstep_kwargs: dict | None = None) -> optax.GradientTransformationExtraArgs:
   """Optimizer ``name`` at base LR ``lr`` (ignored by the LR-free ones).
 
   ``band`` (kstep rows only): ``None`` runs the controller's default band, ``(lo, hi)`` that band.
+  ``kstep_kwargs`` (kstep rows only): more ``k_controlled_sgd`` arguments, e.g. a trial's.
   """
   if name in ("sgd", "cosine", "warmup_cosine"):
     opt = optax.sgd(schedule(name, lr, steps), momentum=MOMENTUM)
@@ -131,7 +133,7 @@ def make(name: str, lr: Any, *, steps: int, apply_fn: Callable, loss: str, batch
     if name == "kstep_warmup":
       kwargs["band_decay"] = optax.warmup_cosine_decay_schedule(0.0, 1.0, max(steps // 20, 1),
                                                                 steps)
-    opt = kstep.k_controlled_sgd(base, **kwargs)
+    opt = kstep.k_controlled_sgd(base, **kwargs, **(kstep_kwargs or {}))
   elif name == "schedule_free":
     opt = optax.contrib.schedule_free_sgd(lr, warmup_steps=max(steps // 20, 1), b1=MOMENTUM)
   elif name == "prodigy":

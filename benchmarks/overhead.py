@@ -8,7 +8,8 @@ taken within a round, so a machine whose speed drifts (shared CPUs) affects both
 alike. Reported: median and quartiles of the per-round ratios.
 
 One estimate's cost in steps is read from ``every=1`` (an estimate on every step): the ratio
-minus one. Claim checked (issue 12): at the defaults (``every=10``, guard on) a step costs at
+minus one; for the fused path (``kstep.value_and_grad``, variants ``fused``/``fused1``) from
+``fused1``. Claim checked (issue 12): at the defaults (``every=10``, guard on) a step costs at
 most 1.06 × an ``optax.sgd`` step.
 """
 
@@ -44,7 +45,11 @@ VARIANTS = {
     "probe16": dict(probe_batch_size=16),
     "wholebatch": dict(probe_batch_size=None),
     "nofloor": dict(trace_floor=None),
+    # The fused path (kstep.value_and_grad feeding update's probe=), at every=10 and every=1.
+    "fused": dict(),
+    "fused1": dict(every=1),
 }
+FUSED = ("fused", "fused1")
 
 
 def _variant_name(variant: str) -> str:
@@ -68,20 +73,27 @@ def _builders(problem: tasks.Problem, everies, variants):
     opts[f"kstep_every{e}"] = kopt(every=e)
   for v in variants:
     opts[_variant_name(v)] = kopt(**VARIANTS[v])
+  fused = {_variant_name(v) for v in variants if v in FUSED}
+  per_example = lambda out, batch: problem.per_example_loss(out, batch["y"])
+  fused_grad = kstep.value_and_grad(per_example, apply_fn, loss=kloss)
 
-  def train_chunk(opt):
+  def train_chunk(opt, is_fused):
     @jax.jit
     def run(params, state, idx, x, y):
       def body(carry, i):
         params, state = carry
         batch = {"x": x[i], "y": y[i]}
-        loss, grads = jax.value_and_grad(loss_fn)(params, batch)
-        updates, state = opt.update(grads, state, params, batch=batch)
+        if is_fused:
+          (loss, probe), grads = fused_grad(params, batch, state=state)
+          updates, state = opt.update(grads, state, params, batch=batch, probe=probe)
+        else:
+          loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+          updates, state = opt.update(grads, state, params, batch=batch)
         return (optax.apply_updates(params, updates), state), loss
       return jax.lax.scan(body, (params, state), idx)
     return run
 
-  return {name: (train_chunk(opt), opt) for name, opt in opts.items()}
+  return {name: (train_chunk(opt, name in fused), opt) for name, opt in opts.items()}
 
 
 def main(args: argparse.Namespace) -> None:
@@ -136,6 +148,8 @@ def measure(problem: tasks.Problem, args: argparse.Namespace, path) -> dict:
   est = ratios["kstep_every1"]["median"] - 1.0 if "kstep_every1" in ratios else None
   est_min = min_ratios["kstep_every1"] - 1.0 if "kstep_every1" in min_ratios else None
   default = ratios.get("kstep_every10", {}).get("median")
+  fused1 = _variant_name("fused1")
+  est_fused = ratios[fused1]["median"] - 1.0 if fused1 in ratios else None
   payload = {
       "task": problem.task, "scale": problem.scale, "loss": problem.loss,
       "batch_size": problem.batch_size, "chunk_steps": args.chunk, "rounds": args.rounds,
@@ -146,6 +160,7 @@ def measure(problem: tasks.Problem, args: argparse.Namespace, path) -> dict:
               "cost in steps is ratio(every=1) - 1",
       "steps_per_s": {k: _quartiles(args.chunk / v) for k, v in t.items()},
       "time_ratio_vs_sgd": ratios, "estimate_cost_in_steps": est,
+      "estimate_cost_in_steps_fused": est_fused,
       "time_ratio_vs_sgd_of_min_times": min_ratios, "estimate_cost_in_steps_min": est_min,
       "compile_and_first_chunk_s": compile_s,
       "guard_share_of_estimates": guard_share,
@@ -171,6 +186,6 @@ def measure(problem: tasks.Problem, args: argparse.Namespace, path) -> dict:
   plt.close(fig)
   print("median ratios", {k: round(v["median"], 3) for k, v in ratios.items()})
   print("min-time ratios", {k: round(v, 3) for k, v in min_ratios.items()})
-  print("estimate cost in steps: median", est, "min", est_min)
+  print("estimate cost in steps: median", est, "min", est_min, "fused (median)", est_fused)
   print("share of estimates with the guard's power steps", guard_share)
   return payload

@@ -55,8 +55,10 @@ def band_jobs(losses: Iterable[str], bands: Sequence[Band], lrs: Sequence[float]
 
 def run_jobs(task: str, scale: str, jobs: list[Job], *, root: pathlib.Path,
              data_dir: str | None, steps: int | None = None, force: bool = False,
-             kind: str = "lr_sweep") -> dict[str, int]:
-  """Runs every job not already on disk; returns counts of ``ran`` and ``skipped``."""
+             kind: str = "lr_sweep", kstep_kwargs: dict | None = None) -> dict[str, int]:
+  """Runs every job not already on disk; returns counts of ``ran`` and ``skipped``.
+
+  ``kstep_kwargs``: extra ``k_controlled_sgd`` arguments for the kstep rows (a trial)."""
   problems: dict[tuple[str, int], tasks.Problem] = {}
   runners: dict[tuple, train.Runner] = {}
   todo, skipped = [], 0
@@ -79,7 +81,8 @@ def run_jobs(task: str, scale: str, jobs: list[Job], *, root: pathlib.Path,
     problem = problems[(job.loss, b)]
     key = (job.loss, b, job.optimizer, job.band is not None)
     if key not in runners:
-      runners[key] = train.Runner(problem, job.optimizer, banded=job.band is not None)
+      runners[key] = train.Runner(problem, job.optimizer, banded=job.band is not None,
+                                  kstep_kwargs=kstep_kwargs)
     result = runners[key].run(job.lr, job.seed, job.band,
                               progress=problem.steps * problem.batch_size >= 200_000)
     config = {"steps": problem.steps, "batch_size": problem.batch_size,
@@ -88,6 +91,7 @@ def run_jobs(task: str, scale: str, jobs: list[Job], *, root: pathlib.Path,
     if job.optimizer in optimizers.KSTEP:
       config["kstep"] = optimizers.kstep_config(job.optimizer, tasks.KSTEP_LOSS[job.loss],
                                                 job.band, problem.steps)
+      config["kstep"]["kwargs"] = dict(kstep_kwargs or {})
     results_io.save_json(path, {
         "task": task, "scale": problem.scale, "scale_key": scale, "loss": job.loss,
         "optimizer": job.optimizer, "optimizer_label": optimizers.LABELS[job.optimizer],

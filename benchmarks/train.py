@@ -42,8 +42,9 @@ class Runner:
   """Jitted init / chunk / eval functions of one (problem, optimizer); reused across a sweep."""
 
   def __init__(self, problem: Problem, name: str, steps: int | None = None,
-               banded: bool = False):
+               banded: bool = False, kstep_kwargs: dict | None = None):
     self.p, self.name, self.banded = problem, name, banded
+    self.kstep_kwargs = dict(kstep_kwargs or {})
     self.steps = steps or problem.steps
     self.x_train, self.y_train = jnp.asarray(problem.x_train), jnp.asarray(problem.y_train)
     self.x_test, self.y_test = jnp.asarray(problem.x_test), jnp.asarray(problem.y_test)
@@ -55,7 +56,8 @@ class Runner:
     apply_fn = lambda params, batch: self.p.apply(params, batch["x"])
     return optimizers.make(self.name, lr, steps=self.steps, apply_fn=apply_fn,
                            loss=KSTEP_LOSS[self.p.loss], batch_size=self.p.batch_size,
-                           band=band if self.banded else None, seed=seed)
+                           band=band if self.banded else None, seed=seed,
+                           kstep_kwargs=self.kstep_kwargs)
 
   def loss_fn(self, params, batch):
     return jnp.mean(self.p.per_example_loss(self.p.apply(params, batch["x"]), batch["y"]))

@@ -92,6 +92,26 @@ def test_digits_sweep_reports_parity_by_batch_size(tmp_path, capsys):
   assert "python -m benchmarks" in out and "Machine: cpu" in out
 
 
+def test_kstep_kwargs_reach_the_controller_and_the_run_json(tmp_path, capsys):
+  with pytest.raises(SystemExit, match="own --results-dir"):
+    cli.main(RUN + ["--optimizers", "kstep", "--lrs", "1", "--kstep-kwargs",
+                    '{"max_sharpness_ratio": null}'])
+  with pytest.raises(SystemExit):  # not a JSON object
+    cli.main(RUN + ["--kstep-kwargs", "[1]", "--results-dir", str(tmp_path)])
+  capsys.readouterr()
+  # every=1000: one estimate (at step 0) in 30 steps; the guard off: no λ in the trajectory.
+  cli.main(RUN + ["--optimizers", "kstep", "--lrs", "1", "--no-report", "--results-dir",
+                  str(tmp_path), "--kstep-kwargs", '{"every": 1000, "max_sharpness_ratio": null}'])
+  run = json.loads(next((tmp_path / "digits_mlp" / "runs" / "cpu" / "mse" / "kstep").glob(
+      "*.json")).read_text())
+  assert run["config"]["kstep"]["kwargs"] == {"every": 1000, "max_sharpness_ratio": None}
+  assert run["summary"]["steps_done"] == 30
+  k = np.asarray(run["trajectory"]["k"], float)
+  assert np.isfinite(k).any()
+  assert not np.isfinite(np.asarray(run["trajectory"].get("sharpness_ratio", [np.nan]),
+                                    float)).any()
+
+
 def test_polyak_sgd_gets_the_loss_and_records_its_step():
   import jax.numpy as jnp
 
