@@ -89,8 +89,9 @@ def run_jobs(task: str, scale: str, jobs: list[Job], *, root: pathlib.Path,
               "momentum": optimizers.MOMENTUM, "num_train": len(problem.x_train),
               "num_test": len(problem.x_test), "notes": problem.notes}
     if job.optimizer in optimizers.KSTEP:
+      band = job.band if job.band is not None else (kstep_kwargs or {}).get("target")
       config["kstep"] = optimizers.kstep_config(job.optimizer, tasks.KSTEP_LOSS[job.loss],
-                                                job.band, problem.steps)
+                                                band, problem.steps)
       config["kstep"]["kwargs"] = dict(kstep_kwargs or {})
     results_io.save_json(path, {
         "task": task, "scale": problem.scale, "scale_key": scale, "loss": job.loss,

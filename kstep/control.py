@@ -241,15 +241,6 @@ def scale_by_k_control(
         axis_name=axis_name, probe_scope=probe_scope,
     )
 
-  def from_probe(state: ScaleByKControlState, probe: Any, c: int, full: bool):
-    # kstep.value_and_grad's measurements (the same probes and rows as measure()'s).
-    scale = probe.trace / c if norm == "per_output" else probe.trace
-    vector = (probe.eigenvector if full else state.gn_eigenvector) if guard else None
-    return k_estimate.assemble(
-        probe.trace, scale, probe.lambda_max if guard and full else jnp.float32(jnp.nan),
-        vector, num_outputs=c, output_norm=norm, trace_floor=trace_floor,
-        ntk_trace=probe.ntk_trace, ntk_scale=None if full else state.k_ntk_scale)
-
   def estimate(state: ScaleByKControlState, params: Any, batch: Any, probe: Any,
                c: int) -> ScaleByKControlState:
     # state.next_estimate, set by the last update: the first (cold) estimate, a full one (power
@@ -262,8 +253,9 @@ def scale_by_k_control(
       branches.append(lambda: measure(state, params, batch, False, False)._replace(
           eigenvector=state.gn_eigenvector if guard else None))
     else:
-      branches += [lambda: from_probe(state, probe, c, True),
-                   lambda: from_probe(state, probe, c, False)]
+      from_probe = lambda full: fused.estimate_from_probe(
+          probe, state, full=full, num_outputs=c, output_norm=norm, trace_floor=trace_floor)
+      branches += [lambda: from_probe(True), lambda: from_probe(False)]
     if not (guard or trace_floor is not None):
       branches, full = branches[:2], jnp.bool_(True)  # light = full without guard and floor
     est = jax.lax.switch(jnp.where(first, 0, jnp.where(full, 1, 2)), branches)

@@ -100,6 +100,20 @@ def check_probe(probe: Any, *, loss: losses.OutputLoss, trace_floor: Any, num_pr
                        f"controller has {name}={mine[name]!r}: pass the controller's value.")
 
 
+def estimate_from_probe(probe: FusedProbe, state: ScaleByKControlState, *, full: bool,
+                        num_outputs: int, output_norm: str,
+                        trace_floor: Any) -> k_estimate.KEstimate:
+  """The controller's estimate from ``probe`` (``full``: with its λ, vector and NTK trace; else
+  the state's vector and last NTK scale), as :func:`kstep.k_estimate.estimate` makes it."""
+  guard = bool(jax.tree.leaves(state.gn_eigenvector))
+  scale = probe.trace / num_outputs if output_norm == "per_output" else probe.trace
+  vector = (probe.eigenvector if full else state.gn_eigenvector) if guard else None
+  return k_estimate.assemble(
+      probe.trace, scale, probe.lambda_max if guard and full else jnp.float32(jnp.nan), vector,
+      num_outputs=num_outputs, output_norm=output_norm, trace_floor=trace_floor,
+      ntk_trace=probe.ntk_trace, ntk_scale=None if full else state.k_ntk_scale)
+
+
 def _split_rows(batch: Any, rows: int, stride: int) -> tuple[Any, Any]:
   """``(probe, rest)``: every ``stride``-th row (:func:`kstep.k_estimate.probe_rows`) and the
   others, for leaves whose leading dimension is ``rows``; other leaves go to both whole."""
