@@ -117,18 +117,12 @@ def estimate_from_probe(probe: FusedProbe, state: ScaleByKControlState, *, full:
 def _split_rows(batch: Any, rows: int, stride: int) -> tuple[Any, Any]:
   """``(probe, rest)``: every ``stride``-th row (:func:`kstep.k_estimate.probe_rows`) and the
   others, for leaves whose leading dimension is ``rows``; other leaves go to both whole."""
-  keep = np.arange(0, rows, stride)
-  rest = np.setdiff1d(np.arange(rows), keep)
-
-  def split(leaf: Any) -> tuple[Any, Any]:
-    if jnp.ndim(leaf) == 0 or jnp.shape(leaf)[0] != rows:
-      return leaf, leaf
-    return leaf[::stride], jnp.take(jnp.asarray(leaf), rest, axis=0)
-
-  pairs = jax.tree.map(split, batch)
-  is_pair = lambda x: isinstance(x, tuple) and len(x) == 2 and not isinstance(x, list)
-  return (jax.tree.map(lambda p: p[0], pairs, is_leaf=is_pair),
-          jax.tree.map(lambda p: p[1], pairs, is_leaf=is_pair))
+  rest = np.setdiff1d(np.arange(rows), np.arange(0, rows, stride))
+  is_rows = lambda leaf: jnp.ndim(leaf) > 0 and jnp.shape(leaf)[0] == rows
+  probe = jax.tree.map(lambda leaf: leaf[::stride] if is_rows(leaf) else leaf, batch)
+  others = jax.tree.map(
+      lambda leaf: jnp.take(jnp.asarray(leaf), rest, axis=0) if is_rows(leaf) else leaf, batch)
+  return probe, others
 
 
 def value_and_grad(

@@ -109,6 +109,25 @@ def test_loss_and_gradient_are_jax_value_and_grad_in_every_mode(mode, n):
   assert np.isfinite(probe.ntk_trace) == (mode == "FULL")  # the floor's probe: full only
 
 
+def test_tuple_batches_and_leaves_without_rows_are_split_right():
+  # batch = (x, y, temperature): a tuple (not a dict) and a scalar leaf that every row shares.
+  apply_fn = lambda p, batch: mlp(p, {"x": batch[0]}) / batch[2]
+  per_example = lambda out, batch: optax.softmax_cross_entropy(out, batch[1])
+  b = make_batch(2, 70)
+  batch = (b["x"], b["y"], jnp.float32(2.0))
+  opt = kstep.k_controlled_sgd(0.1, apply_fn=apply_fn, loss="softmax_cross_entropy")
+  trace_state, ctl = opt.init(PARAMS)
+  state = (trace_state, ctl._replace(next_estimate=jnp.int32(control_state.FULL)))
+  grad_fn = kstep.value_and_grad(per_example, apply_fn, loss="softmax_cross_entropy")
+  (loss, probe), grads = grad_fn(PARAMS, batch, state=state)
+  ref_loss, ref_grads = jax.value_and_grad(
+      lambda p: jnp.mean(per_example(apply_fn(p, batch), batch)))(PARAMS)
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads,
+               ref_grads)
+  assert np.isfinite(probe.trace) and np.isfinite(probe.lambda_max)
+
+
 def test_fused_step_runs_under_transfer_guard_without_recompiling():
   opt = kstep.k_controlled_sgd(0.5, apply_fn=mlp, every=2, decay_steps=20)
   grad_fn = kstep.value_and_grad(PER_EXAMPLE["mse"], mlp)
