@@ -87,9 +87,12 @@ def kstep_config(name: str, loss: str, band: Any, steps: int) -> dict[str, Any]:
   if target is None:
     from kstep import control
 
-    defaults = getattr(control, "DEFAULT_TARGETS", None)
-    target = list(defaults[norm]) if defaults else list(
-        inspect.signature(kstep.k_controlled_sgd).parameters["target"].default)
+    if hasattr(control, "default_target"):
+      target = list(control.default_target(loss, norm))
+    else:
+      defaults = getattr(control, "DEFAULT_TARGETS", None)
+      target = list(defaults[norm]) if defaults else list(
+          inspect.signature(kstep.k_controlled_sgd).parameters["target"].default)
   return {"output_norm": norm, "target": target, "target_is_default": band is None,
           "decay_steps": steps if name == "kstep_anneal" else None,
           "base_lr_schedule": "cosine" if name == "kstep_cosine" else "constant"}

@@ -394,13 +394,14 @@ def test_inject_hyperparams(static_args, momentum, weight_decay):
 
 
 def test_inject_hyperparams_traced_trace_floor_and_max_scale():
-  # Defaults otherwise (the cross-entropy's total norm, the guard on, its ratio injected too).
+  # Defaults otherwise (the cross-entropy's total norm, the guard on, its ratio injected too:
+  # a number is injected, "auto" (the default) stays static, as trace_floor's).
   opt = optax.inject_hyperparams(
       kstep.k_controlled_sgd,
       static_args=("apply_fn", "num_probes", "sharpness_iters", "probe_batch_size"),
   )(
       learning_rate=1e-4, batch_size=B, apply_fn=linear_apply, loss="softmax_cross_entropy",
-      trace_floor=0.05, max_scale=2.0, estimator="exact",
+      trace_floor=0.05, max_scale=2.0, estimator="exact", max_sharpness_ratio=0.25,
   )
   assert {"trace_floor", "max_scale", "max_sharpness_ratio"} <= set(opt.init(init_params())
                                                                      .hyperparams)
@@ -924,6 +925,23 @@ def test_nan_outputs_with_cross_entropy_floor_are_skipped():
   assert all_finite(params)
 
 
+def test_max_sharpness_ratio_auto_by_loss():
+  assert control.resolve_max_sharpness_ratio("auto", "softmax_cross_entropy") == 0.25
+  assert control.resolve_max_sharpness_ratio("auto", "sigmoid_binary_cross_entropy") == 0.25
+  assert control.resolve_max_sharpness_ratio("auto", "mse") == 0.5
+  assert control.resolve_max_sharpness_ratio("auto", lambda out, batch: out.sum(-1)) == 0.5
+  assert control.resolve_max_sharpness_ratio(None, "mse") is None
+  # The cap the guard applies is the resolved one: η·λ̄ = r·E once the step is capped.
+  batch = make_batch(0, scale=30.0)
+  for loss, r in (("mse", 0.5), ("softmax_cross_entropy", 0.25)):
+    opt = kstep.k_controlled_sgd(1e3, apply_fn=linear_apply, loss=loss, trace_floor=None,
+                                 target=(1e3, 2e3), estimator="exact")
+    params = init_params()
+    grads = jax.grad(mse_loss)(params, batch)
+    _, state = jax.jit(lambda s: opt.update(grads, s, params, batch=batch))(opt.init(params))
+    np.testing.assert_allclose(float(kstep.stats(state)["sharpness_ratio"]), r, rtol=1e-4)
+
+
 @pytest.mark.slow
 def test_trace_floor_auto():
   assert control.resolve_trace_floor("auto", "softmax_cross_entropy") == 0.03
@@ -1254,11 +1272,16 @@ def test_default_norm_and_band_per_loss():
     np.testing.assert_allclose(float(s["k"]), edge, rtol=1e-5)
     np.testing.assert_allclose(float(s["k_learning_rate"]), edge * C * eta_one(T0, 0.9),
                                rtol=1e-5)
-  # Cross-entropy: "auto" is the total trace, the band (0.4, 0.8).
-  assert control.DEFAULT_TARGETS["total"] == (0.4, 0.8)
-  s = first_stats(1e3, loss="softmax_cross_entropy", trace_floor=None)
-  np.testing.assert_allclose(float(s["k"]), 0.8, rtol=1e-5)
-  np.testing.assert_allclose(float(s["k_scale"]), float(s["k_trace"]), rtol=1e-6)
+  # Cross-entropy: "auto" is the total trace, the band (0.7, 0.8) (other losses on the total
+  # trace: (0.4, 0.8)).
+  assert control.default_target("softmax_cross_entropy", "total") == (0.7, 0.8)
+  assert control.default_target("mse", "total") == (0.4, 0.8)
+  for base, edge in ((1e3, 0.8), (1e-6, 0.7)):
+    s = first_stats(base, loss="softmax_cross_entropy", trace_floor=None)
+    np.testing.assert_allclose(float(s["k"]), edge, rtol=1e-5)
+    np.testing.assert_allclose(float(s["k_scale"]), float(s["k_trace"]), rtol=1e-6)
+  s = first_stats(1e-6, loss="mse", output_norm="total", trace_floor=None)
+  np.testing.assert_allclose(float(s["k"]), 0.4, rtol=1e-5)
 
 
 @pytest.mark.slow
