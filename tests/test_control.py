@@ -1121,22 +1121,32 @@ def test_converges_on_a_small_regression_problem():
     "edge raises η to 0.8·2αB/T ≈ 5 > 2(1 + μ)/λ_max = 3.8, and the bias diverges.",
 )
 def test_relu_regression_at_the_upper_edge_does_not_diverge():
-  train, baseline = regression_run(mlp_apply, 32, 1000, LAW)  # the band alone: no guard
-  final, _ = train(10.0)
-  assert np.isfinite(float(final)) and float(final) < baseline
+  # Over the probes' seeds 0-3 (measured: seeds 2 and 3 end NaN; 0 and 1 happen to survive).
+  for seed in range(4):
+    train, baseline = regression_run(mlp_apply, 32, 1000, {**LAW, "seed": seed})  # no guard
+    final, _ = train(10.0)
+    assert np.isfinite(float(final)) and float(final) < baseline
 
 
 @pytest.mark.slow
 def test_curvature_guard_keeps_the_relu_regression_at_the_upper_edge_finite():
-  # The run of the known limitation above, with the curvature guard at its default ratio: it
-  # keeps η·λ_max ≤ 0.5 · 2(1 + μ), so the bias no longer diverges.
-  config = {**LAW, "max_sharpness_ratio": control.DEFAULT_MAX_SHARPNESS_RATIO}
-  train, baseline = regression_run(mlp_apply, 32, 1000, config)
-  final, history = train(10.0)
-  assert np.isfinite(float(final)) and float(final) < baseline
-  ratio = np.asarray(history["sharpness_ratio"])
-  assert np.all(ratio <= control.DEFAULT_MAX_SHARPNESS_RATIO * (1 + 1e-5))
-  assert int(history["k_num_capped"][-1]) > 0
+  # The run of the known limitation above, annealed over the run (decay_steps, the recipe for a
+  # run of known length) and with the curvature guard at its default ratio for MSE: it keeps
+  # η·λ_max ≤ 0.5 · 2(1 + μ) and trains on every seed (measured: 0.005-0.09 of the baseline;
+  # annealed without the guard seed 3 ends at the baseline, its units dead). With the constant
+  # band the guarded run stays identical to a float-rounding change until step ~700, where the
+  # net has lost most units, λ_max ≈ 1-3 and η ≈ 0.6-1.4; there 2 of these 4 seeds diverged
+  # after the unrolled-VJP change (8c441b5) and none before it: the kinks of a ReLU net, not its
+  # curvature, decide that regime, so this test anneals.
+  for seed in range(4):
+    config = {**LAW, "max_sharpness_ratio": control.DEFAULT_MAX_SHARPNESS_RATIO, "seed": seed,
+              "decay_steps": 1000}
+    train, baseline = regression_run(mlp_apply, 32, 1000, config)
+    final, history = train(10.0)
+    assert np.isfinite(float(final)) and float(final) < 0.5 * baseline, seed
+    ratio = np.asarray(history["sharpness_ratio"])
+    assert np.all(ratio <= control.DEFAULT_MAX_SHARPNESS_RATIO * (1 + 1e-5))
+    assert int(history["k_num_capped"][-1]) > 0
 
 
 # ------------------------------------------------------------------------------------------------

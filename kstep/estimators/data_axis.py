@@ -35,7 +35,16 @@ def local(params: PyTree, axis_name: AxisName) -> PyTree:
     return params
   cast = getattr(jax.lax, "pcast", None)
   if cast is not None:
-    return jax.tree.map(lambda x: cast(x, axis_name, to="varying"), params)
+    names = tuple(axis_name) if isinstance(axis_name, (tuple, list)) else (axis_name,)
+
+    def vary(x):  # leaves already varying over the axis (e.g. derived from local params) stay
+      aval = jax.typeof(x)
+      vma = getattr(aval, "vma", None)  # JAX <= 0.9; 0.10: manual_axis_type.varying
+      if vma is None:
+        vma = getattr(getattr(aval, "manual_axis_type", None), "varying", frozenset())
+      return x if set(names) <= set(vma) else cast(x, axis_name, to="varying")
+
+    return jax.tree.map(vary, params)
   pvary = getattr(jax.lax, "pvary", None)  # JAX 0.6–0.7
   return params if pvary is None else jax.tree.map(lambda x: pvary(x, axis_name), params)
 

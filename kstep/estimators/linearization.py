@@ -60,7 +60,8 @@ def linearize(apply_fn: Callable[[PyTree, Any], Array], params: PyTree, batch: A
   dtypes = jax.tree.map(lambda x: x.dtype, params)
 
   def jvp(v: PyTree) -> Array:
-    v = jax.tree.map(lambda x, d: jnp.asarray(x, d), v, dtypes)
+    # Tangents typed like the (varying) primals, e.g. a replicated random probe.
+    v = data_axis.local(jax.tree.map(lambda x, d: jnp.asarray(x, d), v, dtypes), axis_name)
     return f_jvp(v).reshape(b, -1).astype(jnp.float32)
 
   def vjp(u: Array) -> PyTree:
