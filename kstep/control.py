@@ -51,10 +51,10 @@ FIRST_PROBES = 8
 # while the last step's η·λ̄ is above this fraction of its cap.
 SHARPNESS_NEAR = 0.5
 DEFAULT_REFRESH_EVERY = 4
-DEFAULT_PROBE_BATCH_SIZE = 32
-# Two warm power steps per estimate (the last one's VJP rides with the probes', k_estimate); one
-# lost CE at B=1024 (see scale_by_k_control's docstring), a second costs ~0.5 SGD steps.
-DEFAULT_SHARPNESS_ITERS = 2
+# Probe rows and warm power steps per estimate (kept in k_estimate, which kstep.value_and_grad
+# shares): two power steps, as one lost CE at B=1024 (scale_by_k_control's docstring).
+DEFAULT_PROBE_BATCH_SIZE = k_estimate.DEFAULT_PROBE_BATCH_SIZE
+DEFAULT_SHARPNESS_ITERS = k_estimate.DEFAULT_SHARPNESS_ITERS
 
 
 def curvature_edge(momentum: Any, nesterov: bool = False) -> Array:
@@ -164,7 +164,7 @@ def scale_by_k_control(
       CE (digits B = 1024, annealed, 3 seeds, 10 base LRs, worst vs best cosine): r = 0.7
       −3.4, 0.5 −1.4, 0.35 −0.7, 0.25 −0.2 points (r = 1.0: worst accuracy 0.30, earlier).
     sharpness_iters: power steps per estimate for λ_max (``FIRST_POWER_ITERS`` at the first).
-      Default 2, the last one's VJP batched with the probes'. With 1 (measured, digits MLP,
+      Default 2. With 1 (measured, digits MLP,
       B = 1024, defaults + ``decay_steps``, 3 seeds, base LR 0.01/1/3): MSE trained, but CE
       ended at 8–20% test accuracy at every LR (the warm vector lags the sharpening of the first
       50 steps, λ̂ decays under the hold, the step overshoots; also with λ̂ = ‖G v̂‖); with 2,

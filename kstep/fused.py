@@ -131,16 +131,17 @@ def value_and_grad(
     *,
     loss: str | Callable[..., Array] = "mse",
     trace_floor: float | str | None = "auto",
-    probe_batch_size: int | None = None,
-    sharpness_iters: int | None = None,
+    probe_batch_size: int | None = k_estimate.DEFAULT_PROBE_BATCH_SIZE,
+    sharpness_iters: int = k_estimate.DEFAULT_SHARPNESS_ITERS,
 ) -> Callable[..., tuple[tuple[Array, FusedProbe], PyTree]]:
   """``f(params, batch, *, state) -> ((loss, probe), grads)``: the training loss, its gradient
   and the K controller's next estimate from one forward pass (module docstring).
 
   The loss is ``mean_i per_example_loss(apply_fn(params, batch), batch)_i``; add weight decay
   and other regularisers in the optimizer (``weight_decay=``). ``loss``, ``trace_floor``,
-  ``probe_batch_size`` and ``sharpness_iters`` must be the controller's (``None``: its
-  defaults); ``update`` raises ``ValueError`` otherwise. Needs one probe per estimate, the
+  ``probe_batch_size`` and ``sharpness_iters`` must be the controller's (the defaults are its
+  defaults; ``probe_batch_size=None``: the whole batch, as there); ``update`` raises
+  ``ValueError`` otherwise. Needs one probe per estimate, the
   Hutchinson estimator, an output norm other than ``"max_output"`` and no ``axis_name`` (under
   ``jax.jit`` with sharded arrays it works as is).
 
@@ -166,7 +167,7 @@ def value_and_grad(
     ValueError: at construction, naming the argument that is out of range; at the call, a state
       without exactly one K controller.
   """
-  from kstep import control  # the controller imports this module's FusedProbe
+  from kstep import control  # resolve_trace_floor; the controller imports this module
 
   arguments.check_callable("per_example_loss", per_example_loss, "(outputs, batch) -> (B,)")
   arguments.check_callable("apply_fn", apply_fn, "apply_fn(params, batch) -> outputs")
@@ -175,11 +176,11 @@ def value_and_grad(
     raise ValueError("kstep.value_and_grad needs a named `loss` (a callable has no probe "
                      "sampler; use the unfused update).")
   floor = control.resolve_trace_floor(trace_floor, loss) is not None
-  pbs = control.DEFAULT_PROBE_BATCH_SIZE if probe_batch_size is None else probe_batch_size
+  pbs = probe_batch_size
   if pbs is not None:
     arguments.check_static_int("probe_batch_size", pbs, "sets the sub-batch's stride (a shape)")
-  iters = control.DEFAULT_SHARPNESS_ITERS if sharpness_iters is None else sharpness_iters
-  iters = arguments.check_static_int("sharpness_iters", iters, "sets the number of power steps")
+  iters = arguments.check_static_int("sharpness_iters", sharpness_iters,
+                                     "sets the number of power steps")
   mse = losses.resolve_loss("mse")
 
   def mean_loss(params: PyTree, batch: Any) -> Array:

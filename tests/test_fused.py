@@ -181,6 +181,12 @@ def test_bad_arguments_and_states_raise():
     kstep.value_and_grad(PER_EXAMPLE["mse"], mlp, loss=PER_EXAMPLE["mse"])
   with pytest.raises(ValueError, match="probe_batch_size"):
     kstep.value_and_grad(PER_EXAMPLE["mse"], mlp, probe_batch_size=0)
+  # None means the whole batch, as in the controller: a whole-batch controller accepts it.
+  opt = kstep.k_controlled_sgd(0.5, apply_fn=mlp, probe_batch_size=None)
+  state, batch = opt.init(PARAMS), make_batch(0)
+  (_, probe), grads = kstep.value_and_grad(PER_EXAMPLE["mse"], mlp, probe_batch_size=None)(
+      PARAMS, batch, state=state)
+  opt.update(grads, state, PARAMS, batch=batch, probe=probe)
   grad_fn = kstep.value_and_grad(PER_EXAMPLE["mse"], mlp)
   sgd_state = optax.sgd(0.1).init(PARAMS)
   with pytest.raises(ValueError, match="holds 0"):
