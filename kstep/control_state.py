@@ -11,6 +11,9 @@ from kstep import k_estimate
 Array = jax.Array
 
 SHARPNESS_HOLD = 0.8
+# Near the guard's cap its power steps may skip every other estimate while λ is steady: the last
+# refresh found λ̂ at most this factor above the λ̄ the cap had used (next_estimate).
+SHARPNESS_STEADY = 1.1
 # ``next_estimate``: what the next update's estimate is (kstep.value_and_grad reads it too).
 NONE, COLD, FULL, LIGHT = 0, 1, 2, 3
 
@@ -42,6 +45,8 @@ class ScaleByKControlState(NamedTuple):
     sharpness_num_estimates: estimates whose power steps ran and gave a valid λ (int32; see
       ``refresh_every``).
     sharpness_num_skipped: λ estimates skipped as NaN/Inf/≤ 0 (int32).
+    sharpness_growth: λ̂ / λ̄ at the last valid λ estimate, λ̄ the value the cap had used until
+      then (> 1: λ outgrew it); NaN until two exist.
     gn_eigenvector: the guard's power-iteration vector (float32, shaped like params), or ``()``
       with the guard off.
     next_estimate: the next update's estimate (int32): ``NONE``, ``COLD`` (the first: whole
@@ -70,6 +75,7 @@ class ScaleByKControlState(NamedTuple):
   sharpness_ratio: Array
   sharpness_num_estimates: Array
   sharpness_num_skipped: Array
+  sharpness_growth: Array
   gn_eigenvector: Any
   next_estimate: Array
 
@@ -77,7 +83,7 @@ class ScaleByKControlState(NamedTuple):
       "k", "k_scale", "k_trace", "k_trace_raw", "k_trace_stderr", "k_ntk_scale", "k_learning_rate",
       "k_base_learning_rate", "k_num_outputs", "k_num_estimates", "k_num_skipped",
       "k_num_raised", "k_num_lowered", "k_num_capped", "gn_lambda_max", "sharpness_ratio",
-      "sharpness_num_estimates", "sharpness_num_skipped",
+      "sharpness_num_estimates", "sharpness_num_skipped", "sharpness_growth",
   )
 
 
@@ -86,11 +92,15 @@ def next_estimate(state: ScaleByKControlState, *, every: int, refresh_every: int
   """``state.next_estimate`` for the update after ``state`` (its ``count`` already advanced):
   ``NONE`` between estimates, ``COLD`` until the first valid estimate, ``FULL`` at every
   ``refresh_every``-th estimate and whenever ``near`` (the last step came near the guard's cap,
-  or there is no λ̄ yet), else ``LIGHT``."""
+  or there is no λ̄ yet), else ``LIGHT``. Near the cap, an odd-numbered estimate is ``LIGHT``
+  too while λ is steady (``sharpness_growth ≤ SHARPNESS_STEADY``): then the cap's λ̄ is at most
+  one refresh (two estimates) old, and λ grew by at most 10 % over the last one."""
   count = state.count
-  full = (count // every) % refresh_every == 0
+  n = count // every
+  full = n % refresh_every == 0
   if near is not None:
-    full = full | near
+    steady = (state.sharpness_growth <= SHARPNESS_STEADY) & (n % 2 == 1)
+    full = full | (near & ~steady)
   mode = jnp.where(state.k_num_estimates == 0, COLD, jnp.where(full, FULL, LIGHT))
   return jnp.where(count % every == 0, mode, NONE).astype(jnp.int32)
 
@@ -126,6 +136,7 @@ def absorb(state: ScaleByKControlState, est: k_estimate.KEstimate, *, first: Arr
   leaves = jax.tree.leaves(est.eigenvector)
   vec_ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in leaves]))
   lam_ok = full & jnp.isfinite(est.lambda_max) & (est.lambda_max > 0) & vec_ok
+  growth = est.lambda_max / state.gn_lambda_max  # NaN while λ̄ is (before the first λ)
   return state._replace(
       # Max-hold: a new estimate below the decayed previous one (a sub-batch whose top
       # direction differs, a lagging warm start) lowers λ̄ by at most the factor SHARPNESS_HOLD.
@@ -139,4 +150,5 @@ def absorb(state: ScaleByKControlState, est: k_estimate.KEstimate, *, first: Arr
       ),
       sharpness_num_estimates=state.sharpness_num_estimates + lam_ok.astype(jnp.int32),
       sharpness_num_skipped=state.sharpness_num_skipped + (full & ~lam_ok).astype(jnp.int32),
+      sharpness_growth=jnp.where(lam_ok, growth, state.sharpness_growth).astype(jnp.float32),
   )

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kstep import arguments, control_state, k_estimate, losses
+from kstep import arguments, control_defaults, control_state, k_estimate, losses
 from kstep.control_state import ScaleByKControlState
 from kstep.estimators import linearization, products, traces
 from kstep.estimators import tree_math as tm
@@ -167,7 +167,6 @@ def value_and_grad(
     ValueError: at construction, naming the argument that is out of range; at the call, a state
       without exactly one K controller.
   """
-  from kstep import control  # resolve_trace_floor; the controller imports this module
 
   arguments.check_callable("per_example_loss", per_example_loss, "(outputs, batch) -> (B,)")
   arguments.check_callable("apply_fn", apply_fn, "apply_fn(params, batch) -> outputs")
@@ -175,7 +174,7 @@ def value_and_grad(
   if spec.noise is None:
     raise ValueError("kstep.value_and_grad needs a named `loss` (a callable has no probe "
                      "sampler; use the unfused update).")
-  floor = control.resolve_trace_floor(trace_floor, loss) is not None
+  floor = control_defaults.resolve_trace_floor(trace_floor, loss) is not None
   pbs = probe_batch_size
   if pbs is not None:
     arguments.check_static_int("probe_batch_size", pbs, "sets the sub-batch's stride (a shape)")

@@ -28,7 +28,8 @@ import optax
 import pytest
 
 import kstep
-from kstep import control
+from kstep import control, control_defaults
+from kstep.control_state import SHARPNESS_STEADY
 
 C = 3  # outputs
 D = 5  # inputs
@@ -38,7 +39,7 @@ BAND = (0.4, 0.8)
 LAW = {"output_norm": "total", "max_sharpness_ratio": None, "target": BAND}
 # Stats that are NaN until their first valid estimate (the guard's: always, with the guard off).
 MEASURED = ("k", "k_scale", "k_trace", "k_trace_raw")
-GUARD_STATS = ("gn_lambda_max", "sharpness_ratio")
+GUARD_STATS = ("gn_lambda_max", "sharpness_ratio", "sharpness_growth")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -140,7 +141,8 @@ def all_finite(tree):
 def assert_stats_finite(stats, guard, floor=False):
   """Every stat (one step's or a stacked history's) is finite, except the documented NaNs:
   ``MEASURED`` before the first valid estimate, ``k_trace_stderr`` before the second, the guard's
-  stats with the guard off (always) or before its first valid λ estimate, ``k_ntk_scale``
+  stats with the guard off (always) or before its first valid λ estimate (``sharpness_growth``:
+  its second), ``k_ntk_scale``
   without a trace floor (always) or before the first valid estimate; and those are NaN."""
   n = np.asarray(stats["k_num_estimates"])
   lam_seen = np.isfinite(np.asarray(stats["gn_lambda_max"]))  # checked below when guard is off
@@ -154,6 +156,8 @@ def assert_stats_finite(stats, guard, floor=False):
       defined = n >= 1
     elif name == "k_trace_stderr":
       defined = n >= 2
+    elif name == "sharpness_growth":
+      defined = np.asarray(stats["sharpness_num_estimates"]) >= 2
     elif name in GUARD_STATS:
       defined = lam_seen
     else:
@@ -530,7 +534,7 @@ def test_vmap_over_seeds_and_param_inits():
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_updates_keep_the_params_dtype(dtype):
   # The defaults: the per-output band, the guard on (its vector is float32 whatever the params).
-  lo, hi = control.DEFAULT_TARGETS["per_output"]
+  lo, hi = control_defaults.DEFAULT_TARGETS["per_output"]
   params, batch = init_params(dtype=dtype), make_batch(0, dtype=dtype)
   kwargs = dict(batch_size=B, apply_fn=linear_apply, weight_decay=1e-4)
   opts = [kstep.k_controlled_sgd(10.0, **kwargs)]
@@ -906,13 +910,38 @@ def test_refresh_every_runs_guard_and_floor_at_every_m_th_estimate_far_below_the
 
 
 def test_refresh_every_runs_the_guard_at_every_estimate_near_the_cap():
-  # The band 100x too high: the guard binds (ratio at its cap 0.5), so its power steps run at
-  # every estimate whatever refresh_every says, and λ̄ follows the growing curvature.
-  scales = np.linspace(1.0, 2.0, NUM_STEPS)
+  # The band 100x too high: the guard binds (ratio at its cap 0.5), and λ grows by more than
+  # SHARPNESS_STEADY per estimate, so its power steps run at every estimate whatever
+  # refresh_every says, and λ̄ follows the growing curvature.
+  scales = np.linspace(1.0, 3.0, NUM_STEPS)
   _, h = run_linear(1e3, scales, lo=40.0, hi=80.0, guard=True, refresh_every=3)
   np.testing.assert_allclose(h["sharpness_ratio"], 0.5, rtol=1e-5)
   np.testing.assert_array_equal(h["sharpness_num_estimates"], np.arange(1, NUM_STEPS + 1))
   assert np.all(np.diff(h["gn_lambda_max"]) > 0)
+  # λ ∝ scale² grew ≥ 13% per estimate: above SHARPNESS_STEADY at every refresh.
+  growth = (scales[1:] / scales[:-1]) ** 2
+  np.testing.assert_allclose(h["sharpness_growth"][1:], growth, rtol=1e-3)
+  assert np.all(growth > SHARPNESS_STEADY)
+
+
+def test_near_the_cap_a_steady_lambda_skips_the_guard_at_every_other_estimate():
+  # At the cap with λ growing 1% per update (below SHARPNESS_STEADY) the power steps run at the
+  # even-numbered estimates (and at every refresh_every-th); a jump of λ (×1.5 at update 6)
+  # makes the next odd estimate full again, and λ̄ catches up at once.
+  scales = np.sqrt(1.01) ** np.arange(NUM_STEPS)
+  scales[6:] *= np.sqrt(1.5)
+  _, h = run_linear(1e3, scales, lo=40.0, hi=80.0, guard=True, refresh_every=5)
+  ran = np.diff(np.concatenate([[0], h["sharpness_num_estimates"]])) == 1
+  #             0     1      2     3      4     5     6     7     8     9      10    11
+  expected = [True, True, True, False, True, True, True, True, True, False, True, False]
+  # update 1: growth unknown until the second λ; 5 and 10: refresh_every; 7: after the jump.
+  np.testing.assert_array_equal(ran, expected)
+  lam = np.asarray(h["gn_lambda_max"])
+  np.testing.assert_allclose(lam[6] / lam[5], 1.5 * 1.01, rtol=1e-3)
+  np.testing.assert_allclose(h["sharpness_growth"][6], 1.5 * 1.01, rtol=1e-3)
+  # The cap binds throughout, on the λ̄ it has: the skipped estimates keep the last λ̄.
+  np.testing.assert_array_equal(lam[[3, 9, 11]], lam[[2, 8, 10]])
+  np.testing.assert_allclose(h["sharpness_ratio"], 0.5, rtol=1e-5)
 
 
 def test_nan_outputs_with_cross_entropy_floor_are_skipped():
@@ -1104,7 +1133,7 @@ def test_converges_on_a_small_regression_problem():
   # over seeds 0-4, and a divergence at seed 1 after the estimator's rewrite). Measured with the
   # defaults: 0.043 and 0.025 of the baseline at seed 0 (0.019-0.043 over seeds 0-3).
   train, baseline = regression_run(tanh_apply, 16, 1500, {})
-  lo, hi = control.DEFAULT_TARGETS["per_output"]
+  lo, hi = control_defaults.DEFAULT_TARGETS["per_output"]
   for base_lr in (1e-3, 10.0):
     final, history = train(base_lr)
     assert float(final) < 0.05 * baseline
@@ -1139,13 +1168,13 @@ def test_curvature_guard_keeps_the_relu_regression_at_the_upper_edge_finite():
   # after the unrolled-VJP change (8c441b5) and none before it: the kinks of a ReLU net, not its
   # curvature, decide that regime, so this test anneals.
   for seed in range(4):
-    config = {**LAW, "max_sharpness_ratio": control.DEFAULT_MAX_SHARPNESS_RATIO, "seed": seed,
-              "decay_steps": 1000}
+    config = {**LAW, "max_sharpness_ratio": control_defaults.DEFAULT_MAX_SHARPNESS_RATIO,
+              "seed": seed, "decay_steps": 1000}
     train, baseline = regression_run(mlp_apply, 32, 1000, config)
     final, history = train(10.0)
     assert np.isfinite(float(final)) and float(final) < 0.5 * baseline, seed
     ratio = np.asarray(history["sharpness_ratio"])
-    assert np.all(ratio <= control.DEFAULT_MAX_SHARPNESS_RATIO * (1 + 1e-5))
+    assert np.all(ratio <= control_defaults.DEFAULT_MAX_SHARPNESS_RATIO * (1 + 1e-5))
     assert int(history["k_num_capped"][-1]) > 0
 
 
@@ -1275,7 +1304,7 @@ def test_default_norm_and_band_per_loss():
     return kstep.stats(state)
 
   # MSE: "auto" is per output, the band (0.25, 0.4) on K = η (T/C) / (2αB).
-  lo, hi = control.DEFAULT_TARGETS["per_output"]
+  lo, hi = control_defaults.DEFAULT_TARGETS["per_output"]
   assert (lo, hi) == (0.25, 0.4)
   for base, edge in ((1e3, hi), (1e-6, lo)):
     s = first_stats(base)
@@ -1332,7 +1361,8 @@ def test_stats_read_nan_before_the_first_valid_estimate():
     (params, state), h = run_linear(base, scales, guard=guard)
     for name in MEASURED + ("k_trace_stderr",) + (GUARD_STATS if guard else ()):
       assert np.all(np.isnan(h[name][:2])), name
-      assert np.all(np.isfinite(h[name][2 + (name == "k_trace_stderr"):])), name
+      second = name in ("k_trace_stderr", "sharpness_growth")  # needs two valid estimates
+      assert np.all(np.isfinite(h[name][2 + second:])), name
     np.testing.assert_array_equal(h["k_num_skipped"], np.minimum(np.arange(1, NUM_STEPS + 1), 2))
     np.testing.assert_array_equal(h["k_num_estimates"], np.maximum(np.arange(-1, NUM_STEPS - 1),
                                                                    0))

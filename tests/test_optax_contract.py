@@ -115,13 +115,20 @@ def make(name: str, problem: Problem = PARABOLA, learning_rate: Any = LR,
 
 
 def measured(tree: Any) -> Any:
-  """``tree`` (a state or its stats) without the stat that is NaN by definition on these MSE
-  problems: the controller's ``k_ntk_scale`` (no trace floor); the check that it is NaN."""
-  found = optax.tree.get_all_with_path(tree, "k_ntk_scale")
-  if not found:
-    return tree
-  assert all(bool(jnp.isnan(value)) for _, value in found)
-  return optax.tree.set(tree, k_ntk_scale=0.0)
+  """``tree`` (a state or its stats) without the stats that are NaN by definition here: the
+  controller's ``k_ntk_scale`` (no trace floor on these MSE problems) and its
+  ``sharpness_growth`` before its second λ estimate; the check that they are NaN."""
+  for name in ("k_ntk_scale", "sharpness_growth"):
+    found = optax.tree.get_all_with_path(tree, name)
+    if not found:
+      continue
+    if name == "sharpness_growth":
+      counts = [v for _, v in optax.tree.get_all_with_path(tree, "sharpness_num_estimates")]
+      if all(int(c) >= 2 for c in counts):
+        continue
+    assert all(bool(jnp.isnan(value)) for _, value in found), name
+    tree = optax.tree.set(tree, **{name: 0.0})
+  return tree
 
 
 def step_fn(opt, problem: Problem, **extra):
