@@ -142,8 +142,8 @@ def assert_stats_finite(stats, guard, floor=False):
   """Every stat (one step's or a stacked history's) is finite, except the documented NaNs:
   ``MEASURED`` before the first valid estimate, ``k_trace_stderr`` before the second, the guard's
   stats with the guard off (always) or before its first valid λ estimate (``sharpness_growth``:
-  its second), ``k_ntk_scale``
-  without a trace floor (always) or before the first valid estimate; and those are NaN."""
+  its second), ``k_ntk_scale`` without a trace floor (always) or before the first valid
+  estimate; and those are NaN."""
   n = np.asarray(stats["k_num_estimates"])
   lam_seen = np.isfinite(np.asarray(stats["gn_lambda_max"]))  # checked below when guard is off
   assert set(stats) == set(control.ScaleByKControlState.STATS_FIELDS)
