@@ -37,7 +37,7 @@ MOMENTUM = 0.9
 # Variants at every=10, each one change from the defaults, to measure what each part costs.
 VARIANTS = {
     "noguard": dict(max_sharpness_ratio=None),
-    "iters1": dict(sharpness_iters=1),
+    "iters2": dict(sharpness_iters=2),
     "refresh1": dict(refresh_every=1),
     # Nearly never estimating: what the controller costs per step besides its estimates.
     "rare": dict(every=1000),
@@ -154,7 +154,7 @@ def measure(problem: tasks.Problem, args: argparse.Namespace, path) -> dict:
       "task": problem.task, "scale": problem.scale, "loss": problem.loss,
       "batch_size": problem.batch_size, "chunk_steps": args.chunk, "rounds": args.rounds,
       "defaults": "k_controlled_sgd at its defaults (guard on, probe_batch_size=32, "
-                  "sharpness_iters=2, refresh_every=4); variants change one argument at every=10",
+                  "sharpness_iters=1, refresh_every=4); variants change one argument at every=10",
       "variants": {_variant_name(v): VARIANTS[v] for v in args.variants},
       "note": "ratios are t(config)/t(optax.sgd) within one interleaved round; one estimate's "
               "cost in steps is ratio(every=1) - 1",

@@ -27,7 +27,7 @@ FIRST_PROBES = 8
 SHARPNESS_NEAR = 0.5
 DEFAULT_REFRESH_EVERY = 4
 # Probe rows and warm power steps per estimate (kept in k_estimate, which kstep.value_and_grad
-# shares): two power steps, as one lost CE at B=1024 (scale_by_k_control's docstring).
+# shares): one step, then the Rayleigh quotient by a JVP (scale_by_k_control's docstring).
 DEFAULT_PROBE_BATCH_SIZE = k_estimate.DEFAULT_PROBE_BATCH_SIZE
 DEFAULT_SHARPNESS_ITERS = k_estimate.DEFAULT_SHARPNESS_ITERS
 

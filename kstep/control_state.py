@@ -105,10 +105,11 @@ def next_estimate(state: ScaleByKControlState, *, every: int, refresh_every: int
   return jnp.where(count % every == 0, mode, NONE).astype(jnp.int32)
 
 
-def absorb(state: ScaleByKControlState, est: k_estimate.KEstimate, *, first: Array, full: Array,
+def absorb(state: ScaleByKControlState, est: k_estimate.KEstimate, *, first: bool, full: bool,
            guard: bool, smoothing: Any, max_change: Any) -> ScaleByKControlState:
-  """``state`` after the estimate ``est`` (``first``: the first valid one; ``full``: its power
-  steps ran). Smoothing: ``S̄ ← d·S̄ + (1 − d)·clip(Ŝ, S̄/r, r·S̄)`` (the first sets S̄), T̄ the
+  """``state`` after the estimate ``est`` (static: ``first``, the first valid one; ``full``, its
+  power steps ran; without them λ̄, the vector and the guard's counts are left as they are).
+  Smoothing: ``S̄ ← d·S̄ + (1 − d)·clip(Ŝ, S̄/r, r·S̄)`` (the first sets S̄), T̄ the
   same with the raw T̂ moved by the clip applied to Ŝ. An invalid Ŝ (NaN, ±Inf, ≤ 0) or λ̂ is
   counted and changes nothing else; λ̄ is max-held: ``λ̄ ← max(λ̂, SHARPNESS_HOLD·λ̄)``."""
   valid = jnp.isfinite(est.scale) & (est.scale > 0) & jnp.isfinite(est.trace)
@@ -131,11 +132,11 @@ def absorb(state: ScaleByKControlState, est: k_estimate.KEstimate, *, first: Arr
       k_num_estimates=state.k_num_estimates + valid.astype(jnp.int32),
       k_num_skipped=state.k_num_skipped + (~valid).astype(jnp.int32),
   )
-  if not guard:
+  if not (guard and full):
     return state
   leaves = jax.tree.leaves(est.eigenvector)
   vec_ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in leaves]))
-  lam_ok = full & jnp.isfinite(est.lambda_max) & (est.lambda_max > 0) & vec_ok
+  lam_ok = jnp.isfinite(est.lambda_max) & (est.lambda_max > 0) & vec_ok
   growth = est.lambda_max / state.gn_lambda_max  # NaN while λ̄ is (before the first λ)
   return state._replace(
       # Max-hold: a new estimate below the decayed previous one (a sub-batch whose top
@@ -149,6 +150,6 @@ def absorb(state: ScaleByKControlState, est: k_estimate.KEstimate, *, first: Arr
           state.gn_eigenvector,
       ),
       sharpness_num_estimates=state.sharpness_num_estimates + lam_ok.astype(jnp.int32),
-      sharpness_num_skipped=state.sharpness_num_skipped + (full & ~lam_ok).astype(jnp.int32),
+      sharpness_num_skipped=state.sharpness_num_skipped + (~lam_ok).astype(jnp.int32),
       sharpness_growth=jnp.where(lam_ok, growth, state.sharpness_growth).astype(jnp.float32),
   )

@@ -1,7 +1,8 @@
 """The fused path: the training step's own forward pass feeds the K controller's estimate.
 
 An estimate (:mod:`kstep.k_estimate`) linearises the model on about ``probe_batch_size`` rows of
-the batch: one forward pass, then one VJP per probe cotangent and a JVP and VJP per power step.
+the batch: one forward pass, then one VJP per probe cotangent, a JVP and VJP per power step and
+a JVP for the guard's Rayleigh quotient.
 The training step has just run the forward pass on those rows. :func:`value_and_grad` runs it
 once for both: it splits the batch into the probe rows (linearised: ``jax.linearize``) and the
 rest (``jax.vjp``), and on the probe rows differentiates the loss's output gradient *and* the
@@ -210,14 +211,15 @@ def value_and_grad(
     lam, vector = jnp.full((), jnp.nan, jnp.float32), ctl.gn_eigenvector
     if guard:
       if iters > 1:
-        _, vector = k_estimate.gauss_newton_power(lin, spec, probe_batch, vector, iters - 1)
+        vector = k_estimate.power_steps(lin, spec, probe_batch, vector, iters - 1)
       unit = tm.unit(tm.f32(vector))[0]
       cotangents.append(products.gauss_newton_cotangent(lin, shaped[0], probe_batch, unit))
     vjps = linearization.vjps(lin, jnp.stack([c.astype(jnp.float32) for c in cotangents]))
     grads = vjps[0] if grads_rest is None else jax.tree.map(jnp.add, vjps[0], grads_rest)
     samples = traces.probe_samples(vjps[1:1 + len(specs)], lin.num_rows_total)
-    if guard:
-      vector, lam = k_estimate.power_update(unit, vjps[-1])
+    if guard:  # the last power step's product came with the gradient; then its quotient
+      vector = k_estimate.power_update(unit, vjps[-1])[0]
+      lam = products.gauss_newton_quadratic(lin, spec, probe_batch, vector)
     nan = jnp.full((), jnp.nan, jnp.float32)
     probe = FusedProbe(samples[0], samples[1] if len(specs) > 1 else nan, lam, vector,
                        spec.name, pbs, iters, floor)

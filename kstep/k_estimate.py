@@ -17,9 +17,10 @@ few steps inside ``lax.cond``. From one linearisation of the model on the batch
   with ``trace_floor`` ρ, ``Ŝ ← max(Ŝ, ρ · Ŝ_NTK)`` where Ŝ_NTK is the logits' NTK trace in the
   same units (one more VJP; ``"max_output"`` uses the per-output NTK scale);
 * ``lambda_max`` and ``eigenvector``: with a guard vector given, the top eigenvalue of the
-  Gauss–Newton matrix ``(1/B) Σ_i J_iᵀ H_i J_i`` on the batch by ``num_iters`` steps of power
-  iteration warm-started from that vector (the Rayleigh quotient: a lower bound that converges as
-  the warm start carries over between estimates). Each step is one JVP and one VJP.
+  Gauss–Newton matrix ``(1/B) Σ_i J_iᵀ H_i J_i`` on the batch by ``power_iters`` steps of power
+  iteration warm-started from that vector (one JVP and one VJP each), read as the Rayleigh
+  quotient of the last vector (one more JVP): a lower bound that converges as the warm start
+  carries over between estimates.
 
 Every product shares the one forward pass; the VJPs of stacked cotangents run one after another
 (:func:`kstep.estimators.linearization.vjps`: on CPU cheaper than one ``vmap``ped VJP).
@@ -47,7 +48,7 @@ OUTPUT_NORMS = ("auto", "per_output", "max_output", "total")
 # The controller's defaults (kstep.scale_by_k_control, kstep.value_and_grad): rows of a warm
 # estimate and its power steps.
 DEFAULT_PROBE_BATCH_SIZE = 32
-DEFAULT_SHARPNESS_ITERS = 2
+DEFAULT_SHARPNESS_ITERS = 1
 
 
 def resolve_output_norm(output_norm: str, loss: Any) -> str:
@@ -133,6 +134,32 @@ def power_update(u: PyTree, w: PyTree) -> tuple[PyTree, Array]:
   return tm.where(norm > 0, unit, u), tm.vdot(u, w)
 
 
+def power_steps(
+    lin: linearization.LinearizedModel,
+    loss: losses.OutputLoss,
+    batch: Any,
+    v: PyTree,
+    num_iters: int,
+    *,
+    axis_name: AxisName = None,
+) -> PyTree:
+  """``num_iters`` (≥ 0, static) power steps ``u ← G u / ‖G u‖`` on the Gauss–Newton matrix
+  from ``v`` (normalised first; float32): one JVP and one VJP each. A product that vanishes
+  keeps its vector. Up to two steps are unrolled (a loop costs a while-loop's overhead on every
+  estimate), more run in a loop."""
+
+  def body(_, u):
+    return power_update(
+        u, products.linearized_gauss_newton_vp(lin, loss, batch, u, axis_name=axis_name))[0]
+
+  u = tm.unit(tm.f32(v))[0]
+  if num_iters > 2:
+    return jax.lax.fori_loop(0, num_iters, body, u)
+  for i in range(num_iters):
+    u = body(i, u)
+  return u
+
+
 def gauss_newton_power(
     lin: linearization.LinearizedModel,
     loss: losses.OutputLoss,
@@ -142,25 +169,18 @@ def gauss_newton_power(
     *,
     axis_name: AxisName = None,
 ) -> tuple[Array, PyTree]:
-  """``num_iters`` (≥ 1, static) power steps on the Gauss–Newton matrix from ``v``.
+  """``num_iters`` (≥ 1, static) power steps on the Gauss–Newton matrix from ``v``, then the
+  Rayleigh quotient of the last vector.
 
-  Returns ``(λ, v')``: λ the Rayleigh quotient ``vᵀGv`` of the last unit vector multiplied, v'
-  the normalised product (kept as it was where the product vanishes). Up to two steps are
-  unrolled (a loop costs a while-loop's overhead on every estimate), more run in a loop.
+  Returns ``(λ, u)``: u the unit vector after the steps, λ = ``uᵀ G u`` (a lower bound on
+  λ_max, from one more JVP: :func:`kstep.estimators.products.gauss_newton_quadratic`). Cost:
+  ``num_iters`` JVP+VJP pairs and one JVP. The same λ as ``num_iters + 1`` plain power steps
+  that read the quotient off the last product (a VJP more), whose vector is one step further;
+  here the next estimate continues from u (measured cost and parity: benchmarks README).
   """
-
-  def body(_, carry):
-    u, _ = carry
-    return power_update(
-        u, products.linearized_gauss_newton_vp(lin, loss, batch, u, axis_name=axis_name))
-
-  carry = (tm.unit(tm.f32(v))[0], jnp.float32(0.0))
-  if num_iters > 2:
-    carry = jax.lax.fori_loop(0, num_iters, body, carry)
-  else:
-    for i in range(num_iters):
-      carry = body(i, carry)
-  return carry[1], carry[0]
+  u = power_steps(lin, loss, batch, v, num_iters, axis_name=axis_name)
+  lam = products.gauss_newton_quadratic(lin, loss, batch, u, axis_name=axis_name)
+  return lam, u
 
 
 def estimate(
@@ -184,7 +204,7 @@ def estimate(
 
   ``output_norm`` must be resolved (not ``"auto"``). Cost: one forward pass; ``num_probes`` VJPs
   (C per probe for ``"max_output"``); one more VJP with ``trace_floor``; ``power_iters`` JVP+VJP
-  pairs with ``eigenvector``.
+  pairs and one JVP with ``eigenvector``.
   ``estimator="exact"`` replaces the probes by B per-example Jacobians. A given ``ntk_scale``
   (with ``trace_floor``; an earlier estimate's) replaces the floor's probe.
   """

@@ -678,6 +678,21 @@ def test_gauss_newton_vp_matches_explicit(loss):
   np.testing.assert_allclose(ravel_pytree(out)[0], ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
 
 
+@pytest.mark.parametrize("loss", ["softmax_cross_entropy", mse_without_half])
+def test_gauss_newton_quadratic_from_one_jvp_matches_explicit(loss):
+  from kstep import losses
+  from kstep.estimators import linearization, products
+  params, batch = gn_setup()
+  v = random_like(params, 7)
+  flat = np.asarray(ravel_pytree(v)[0], np.float64)
+  ref = flat @ explicit_gn(loss) @ flat
+  spec = losses.resolve_loss(loss)
+  lin = linearization.linearize(scaled_mlp, params, batch)
+  out = jax.jit(lambda v: products.gauss_newton_quadratic(lin, spec, batch, v))(v)
+  np.testing.assert_allclose(out, ref, rtol=1e-4)
+  assert out.dtype == jnp.float32
+
+
 # --------------------------------------------------------------------------------------------
 # Batch Sharpness.
 # --------------------------------------------------------------------------------------------

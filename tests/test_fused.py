@@ -158,7 +158,7 @@ def test_mismatched_configuration_raises_naming_the_argument():
   state = opt.init(PARAMS)
   batch = make_batch(0)
   for kwargs, name in [(dict(probe_batch_size=16), "probe_batch_size"),
-                       (dict(sharpness_iters=1), "sharpness_iters"),
+                       (dict(sharpness_iters=2), "sharpness_iters"),
                        (dict(trace_floor=0.03), "trace_floor"),
                        (dict(loss="softmax_cross_entropy"), "loss")]:
     grad_fn = kstep.value_and_grad(PER_EXAMPLE["mse"], mlp, **kwargs)

@@ -8,6 +8,7 @@ all-reduce of P floats each.
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 
 from kstep import arguments, losses
 from kstep.estimators import data_axis, linearization
@@ -75,6 +76,22 @@ def linearized_gauss_newton_vp(
   """:func:`gauss_newton_vp` on an already linearised model: one JVP and one VJP, no forward."""
   out = lin.vjp(gauss_newton_cotangent(lin, loss, batch, v, axis_name=axis_name))
   return data_axis.psum(out, axis_name)
+
+
+def gauss_newton_quadratic(
+    lin: linearization.LinearizedModel,
+    loss: losses.OutputLoss,
+    batch: Any,
+    v: PyTree,
+    *,
+    axis_name: AxisName = None,
+) -> Array:
+  """``vᵀ G v = (1/B) Σ_i (J_i v)ᵀ H_i (J_i v)`` (float32, reduced over ``axis_name``): the
+  Gauss–Newton quadratic form from one JVP (no VJP)."""
+  spec = loss.for_output_shape(lin.out_shape)
+  jv = lin.jvp(data_axis.local(v, axis_name))
+  value = jnp.sum(jv * spec.gnvp(lin.outputs, batch, jv).astype(jnp.float32))
+  return data_axis.psum(value / lin.num_rows_total, axis_name)
 
 
 def gauss_newton_cotangent(
