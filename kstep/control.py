@@ -281,8 +281,8 @@ def scale_by_k_control(
                         estimator=estimator, output_norm=norm, axis_name=axis_name)
     # The estimate reads only params and the batch, so XLA may schedule it anywhere in the
     # training step; tying it to the gradients places it after the backward pass. Without this,
-    # on XLA:CPU (2 threads) the *untaken* cond cost ~9 % of a step (MNIST MLP, every=1000:
-    # 1.12 vs 1.03 x optax.sgd; benchmarks README, "Overhead").
+    # on XLA:CPU (2 threads) the *untaken* cond cost ~10 % of a step (MNIST MLP, every=1000:
+    # 1.11-1.12 x optax.sgd, 1.01-1.03 with it; benchmarks README, "Overhead").
     updates, state = jax.lax.optimization_barrier((updates, state))
     state = jax.lax.cond(
         state.count % every == 0, lambda s: estimate(s, params, batch, probe, c), lambda s: s,
