@@ -45,6 +45,9 @@ VARIANTS = {
     "probe16": dict(probe_batch_size=16),
     "wholebatch": dict(probe_batch_size=None),
     "nofloor": dict(trace_floor=None),
+    "bare": dict(trace_floor=None, max_sharpness_ratio=None),
+    "bare16": dict(trace_floor=None, max_sharpness_ratio=None, probe_batch_size=16),
+    "noguard16": dict(max_sharpness_ratio=None, probe_batch_size=16),
     # The fused path (kstep.value_and_grad feeding update's probe=), at every=10 and every=1.
     "fused": dict(),
     "fused1": dict(every=1),
