@@ -26,7 +26,6 @@ finite and positive is skipped too. Neither reaches the step or the state. Measu
 NaN until their first valid estimate.
 """
 
-import functools
 import numbers
 from typing import Any, Callable
 
@@ -34,7 +33,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from kstep import arguments, control_state, estimators, fused, k_estimate, losses, noise_kernel
+from kstep import (arguments, control_state, estimators, fused, k_estimate, losses,
+                   noise_kernel, periodic)
 from kstep.control_defaults import (
   DEFAULT_PROBE_BATCH_SIZE,
   DEFAULT_REFRESH_EVERY,
@@ -281,7 +281,7 @@ def scale_by_k_control(
                         sharpness_iters=sharpness_iters, probe_batch_size=probe_batch_size,
                         estimator=estimator, output_norm=norm, axis_name=axis_name)
     state = jax.lax.cond(
-        _estimate_now(state.count, every, updates),
+        periodic.due(state.count, every, updates),  # after the backward pass
         lambda s: estimate(s, params, batch, probe, c), lambda s: s, state,
     )
     count = state.count
@@ -321,27 +321,6 @@ def scale_by_k_control(
         state, every=every, refresh_every=refresh_every, near=near))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _estimate_now(count: Array, every: int, updates: Any) -> Array:
-  """``count % every == 0``, made to depend on the gradients: ``… | (isnan(t) & (count < 0))``
-  with t the sum of one element of every update leaf (the added term is always false).
-
-  The estimate reads only params and the batch, so XLA may schedule its ``lax.cond`` anywhere
-  in the training step; XLA:CPU placed it after the first layer's forward pass, in the middle
-  of the step. ``lax.optimization_barrier`` does not survive XLA:CPU's pipeline (absent from the
-  optimised HLO), so the tie is a data dependency: one element per leaf (no pass over the
-  params) in a term that is false because the update count is never negative. On
-  2-core CPU (MNIST MLP, B = 128): every=1000 1.00 instead of 1.02 × ``optax.sgd`` and
-  every=10 1-2 % lower (benchmarks README, "Overhead"). With a sharded leaf, its first element
-  lives on one device: one scalar all-reduce per step.
-  """
-  now = count % every == 0
-  firsts = [jnp.ravel(u)[0].astype(jnp.float32) for u in jax.tree.leaves(updates)
-            if jnp.size(u) > 0]
-  if not firsts:
-    return now
-  return now | (jnp.isnan(functools.reduce(jnp.add, firsts)) & (count < 0))
 
 
 def k_controlled_sgd(

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from kstep import arguments, estimators
+from kstep import arguments, estimators, periodic
 from kstep.diagnostics import common
 from kstep.estimators import AxisName
 
@@ -175,7 +175,8 @@ def track_batch_sharpness(
     arguments.check_real_params(params, "track_batch_sharpness")
     batch = common.get_batch(extra_args, "track_batch_sharpness")
     new_state = jax.lax.cond(
-        state.count % every == 0, lambda s: measure(s, params, batch), lambda s: s, state
+        periodic.due(state.count, every, updates), lambda s: measure(s, params, batch),
+        lambda s: s, state,
     )
     bs = new_state.batch_sharpness  # NaN before the first valid measurement
     return updates, new_state._replace(

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from kstep import arguments, estimators, k_estimate, losses, noise_kernel
+from kstep import arguments, estimators, k_estimate, losses, noise_kernel, periodic
 from kstep.diagnostics import common
 from kstep.estimators import AxisName
 
@@ -165,7 +165,8 @@ def track_k(
     batch = common.get_batch(extra_args, "track_k")
     b, c = k_estimate.batch_rows(apply_fn, params, batch, batch_size, axis_name=axis_name)
     new_state = jax.lax.cond(
-        state.count % every == 0, lambda s: measure(s, params, batch), lambda s: s, state
+        periodic.due(state.count, every, updates), lambda s: measure(s, params, batch),
+        lambda s: s, state,
     )
     eta = arguments.schedule_value(learning_rate, state.count)
     k = noise_kernel.k_from_trace(eta, b, new_state.k_scale, momentum)

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from kstep import arguments, estimators
+from kstep import arguments, estimators, periodic
 from kstep.diagnostics import common
 from kstep.estimators import AxisName
 
@@ -178,7 +178,8 @@ def track_lambda_max(
     arguments.check_real_params(params, "track_lambda_max")
     batch = common.get_batch(extra_args, "track_lambda_max", allow_measure_batch=True)
     new_state = jax.lax.cond(
-        state.count % every == 0, lambda s: measure(s, params, batch), lambda s: s, state
+        periodic.due(state.count, every, updates), lambda s: measure(s, params, batch),
+        lambda s: s, state,
     )
     edge = common.edge_ratio(
         learning_rate, state.count, new_state.lambda_max, 2.0 * (1.0 + momentum)
