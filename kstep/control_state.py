@@ -134,9 +134,9 @@ def absorb(state: ScaleByKControlState, est: k_estimate.KEstimate, *, first: boo
   )
   if not (guard and full):
     return state
-  leaves = jax.tree.leaves(est.eigenvector)
-  vec_ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in leaves]))
-  lam_ok = jnp.isfinite(est.lambda_max) & (est.lambda_max > 0) & vec_ok
+  # The vector is finite by construction (k_estimate.power_update keeps the previous one where a
+  # product is not), so it is kept as it comes: no pass over it.
+  lam_ok = jnp.isfinite(est.lambda_max) & (est.lambda_max > 0)
   growth = est.lambda_max / state.gn_lambda_max  # NaN while λ̄ is (before the first λ)
   return state._replace(
       # Max-hold: a new estimate below the decayed previous one (a sub-batch whose top
@@ -145,10 +145,8 @@ def absorb(state: ScaleByKControlState, est: k_estimate.KEstimate, *, first: boo
           lam_ok, jnp.fmax(est.lambda_max, SHARPNESS_HOLD * state.gn_lambda_max),
           state.gn_lambda_max,
       ),
-      gn_eigenvector=jax.tree.map(
-          lambda n, o: jnp.where(vec_ok, n, o).astype(o.dtype), est.eigenvector,
-          state.gn_eigenvector,
-      ),
+      gn_eigenvector=jax.tree.map(lambda n, o: n.astype(o.dtype), est.eigenvector,
+                                  state.gn_eigenvector),
       sharpness_num_estimates=state.sharpness_num_estimates + lam_ok.astype(jnp.int32),
       sharpness_num_skipped=state.sharpness_num_skipped + (~lam_ok).astype(jnp.int32),
       sharpness_growth=jnp.where(lam_ok, growth, state.sharpness_growth).astype(jnp.float32),

@@ -128,10 +128,12 @@ class KEstimate(NamedTuple):
 
 def power_update(u: PyTree, w: PyTree) -> tuple[PyTree, Array]:
   """A power step's result from the unit vector ``u`` and its product ``w = G u``: the
-  normalised ``w`` (``u`` where ``w`` vanishes) and the Rayleigh quotient ``uᵀ w``."""
+  normalised ``w`` (``u`` where ``w`` vanishes or is not finite) and the Rayleigh quotient
+  ``uᵀ w``. A finite ``u`` gives a finite vector (‖w‖ is finite only if every entry is), so the
+  controller keeps it without a pass over it to check."""
   w = tm.f32(w)
   unit, norm = tm.unit(w)
-  return tm.where(norm > 0, unit, u), tm.vdot(u, w)
+  return tm.where(jnp.isfinite(norm) & (norm > 0), unit, u), tm.vdot(u, w)
 
 
 def power_steps(

@@ -99,3 +99,20 @@ def test_estimate_power_steps_and_probes_match_dense_and_separate_passes(loss_na
       jax.random.split(key, 2)[0])
   np.testing.assert_allclose(est.trace, gn.value, rtol=1e-5)
   np.testing.assert_allclose(est.scale, jnp.maximum(gn.value, 0.03 * ntk.value), rtol=1e-5)
+
+
+def test_power_update_keeps_the_vector_where_the_product_is_not_finite():
+  u = {"a": jnp.asarray([0.6, 0.0]), "b": jnp.asarray([0.8])}
+  w = {"a": jnp.asarray([3.0, 4.0]), "b": jnp.asarray([0.0])}
+  new, quotient = k_estimate.power_update(u, w)
+  np.testing.assert_allclose(np.concatenate([new["a"], new["b"]]), [0.6, 0.8, 0.0], rtol=1e-6)
+  np.testing.assert_allclose(quotient, 0.6 * 3.0, rtol=1e-6)
+  bad_products = [{"a": jnp.asarray([3.0, bad]), "b": jnp.asarray([0.0])}
+                  for bad in (jnp.nan, jnp.inf, -jnp.inf)] + [jax.tree.map(jnp.zeros_like, w)]
+  for w_bad in bad_products:
+    kept, _ = k_estimate.power_update(u, w_bad)
+    for leaf, old in zip(jax.tree.leaves(kept), jax.tree.leaves(u)):
+      np.testing.assert_array_equal(leaf, old)
+  # A product whose squares overflow float32 (each entry finite, the norm not) is refused too.
+  kept, _ = k_estimate.power_update(u, {"a": jnp.asarray([3e38, 3e38]), "b": jnp.asarray([1.0])})
+  np.testing.assert_array_equal(kept["a"], u["a"])
