@@ -43,6 +43,7 @@ VARIANTS = {
     "rare": dict(every=1000),
     "rare_noguard": dict(every=1000, max_sharpness_ratio=None),
     "probe16": dict(probe_batch_size=16),
+    "probe32": dict(probe_batch_size=32),
     "wholebatch": dict(probe_batch_size=None),
     "nofloor": dict(trace_floor=None),
     "bare": dict(trace_floor=None, max_sharpness_ratio=None),
@@ -156,8 +157,9 @@ def measure(problem: tasks.Problem, args: argparse.Namespace, path) -> dict:
   payload = {
       "task": problem.task, "scale": problem.scale, "loss": problem.loss,
       "batch_size": problem.batch_size, "chunk_steps": args.chunk, "rounds": args.rounds,
-      "defaults": "k_controlled_sgd at its defaults (guard on, probe_batch_size=32, "
-                  "sharpness_iters=1, refresh_every=4); variants change one argument at every=10",
+      "defaults": "k_controlled_sgd at its defaults (guard on, probe_batch_size="
+                  f"{kstep.control_defaults.DEFAULT_PROBE_BATCH_SIZE}, sharpness_iters=1, "
+                  "refresh_every=4); variants change one argument at every=10",
       "variants": {_variant_name(v): VARIANTS[v] for v in args.variants},
       "note": "ratios are t(config)/t(optax.sgd) within one interleaved round; one estimate's "
               "cost in steps is ratio(every=1) - 1",

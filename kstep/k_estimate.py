@@ -47,7 +47,7 @@ PyTree = Any
 OUTPUT_NORMS = ("auto", "per_output", "max_output", "total")
 # The controller's defaults (kstep.scale_by_k_control, kstep.value_and_grad): rows of a warm
 # estimate and its power steps.
-DEFAULT_PROBE_BATCH_SIZE = 32
+DEFAULT_PROBE_BATCH_SIZE = 16
 DEFAULT_SHARPNESS_ITERS = 1
 
 
