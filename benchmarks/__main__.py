@@ -118,6 +118,10 @@ def _parser() -> argparse.ArgumentParser:
                       "iters2, probe16, wholebatch, nofloor; rare, rare_noguard: every=1000; "
                       "fused, fused1: the fused path (kstep.value_and_grad) at every=10 and 1 "
                       "(default: fused,fused1)")
+  p.add_argument("--processes", type=int, default=1,
+                 help="repeat the whole measurement in this many fresh processes, one after "
+                      "another, and report the median and range of their medians (on a 2-core "
+                      "CPU the same configuration's ratio moved by up to 0.15 between processes)")
 
   p = sub.add_parser("linreg", help="Figure 1 of the K paper: K vs eta and SGD divergence")
   _common(p, task=False)

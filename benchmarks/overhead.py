@@ -16,6 +16,11 @@ most 1.06 × an ``optax.sgd`` step.
 from __future__ import annotations
 
 import argparse
+import json
+import pathlib
+import subprocess
+import sys
+import tempfile
 import time
 
 import jax
@@ -104,6 +109,13 @@ def main(args: argparse.Namespace) -> None:
   d = tasks.defaults(args.task, args.scale)
   losses = args.losses or ["mse", "ce"]
   for loss in losses:
+    if args.processes > 1:
+      path = args.results_dir / args.task / f"overhead_{args.scale}_{loss}.json"
+      if path.exists() and not args.force:
+        print(f"{path} exists (use --force to rerun)")
+        continue
+      across_processes(args, loss, path)
+      continue
     problem = tasks.load(args.task, loss, scale=args.scale, data_dir=args.data_dir,
                          steps=args.steps, batch_size=args.batch_size or d.batch_size)
     path = args.results_dir / args.task / f"overhead_{args.scale}_{loss}.json"
@@ -111,6 +123,71 @@ def main(args: argparse.Namespace) -> None:
       print(f"{path} exists (use --force to rerun)")
       continue
     measure(problem, args, path)
+
+
+def _one_process_command(args: argparse.Namespace, loss: str, results_dir) -> list[str]:
+  cmd = [sys.executable, "-m", "benchmarks", "overhead", args.task, "--scale", args.scale,
+         "--losses", loss, "--every", ",".join(map(str, args.every)),
+         "--rounds", str(args.rounds), "--chunk", str(args.chunk),
+         "--variants", ",".join(args.variants), "--results-dir", str(results_dir), "--force"]
+  for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size),
+                      ("--data-dir", args.data_dir)):
+    if value is not None:
+      cmd += [flag, str(value)]
+  return cmd
+
+
+def across_processes(args: argparse.Namespace, loss: str, path) -> dict:
+  """The measurement repeated in ``args.processes`` fresh processes, one after another.
+
+  On this 2-core CPU the ratio of one configuration moved by up to 0.15 between processes
+  (the SGD baseline itself by up to 20 %) while staying within a few hundredths inside one, so
+  a claim needs several processes. Reported: each process's median ratio and, across
+  processes, their median and range; the saved JSON is the first process's plus these.
+  """
+  payloads = []
+  with tempfile.TemporaryDirectory() as tmp:
+    for i in range(args.processes):
+      out = pathlib.Path(tmp) / f"p{i}"
+      subprocess.run(_one_process_command(args, loss, out), check=True,
+                     cwd=pathlib.Path(__file__).resolve().parents[1])
+      payloads.append(json.loads((out / args.task / path.name).read_text()))
+  per_process = {name: [p["time_ratio_vs_sgd"][name]["median"] for p in payloads]
+                 for name in payloads[0]["time_ratio_vs_sgd"]}
+  across = {name: {"median": float(np.median(v)), "min": float(min(v)), "max": float(max(v))}
+            for name, v in per_process.items()}
+  est = [p["estimate_cost_in_steps"] for p in payloads if p["estimate_cost_in_steps"] is not None]
+  payload = dict(payloads[0])
+  default = across.get("kstep_every10", {}).get("median")
+  payload.update({
+      "processes": args.processes, "per_process_ratio": per_process,
+      "time_ratio_vs_sgd_across_processes": across,
+      "sgd_us_per_step_per_process": [1e6 / p["steps_per_s"]["sgd"]["median"] for p in payloads],
+      "estimate_cost_in_steps_across_processes": float(np.median(est)) if est else None,
+      "guard_share_per_process": [p["guard_share_of_estimates"] for p in payloads],
+      "default_ratio": default, "holds": None if default is None else default <= 1.06,
+      "note": "per process: ratios are t(config)/t(optax.sgd) within one interleaved round, "
+              "median over rounds; across processes: median and range of those medians",
+      "env": results_io.environment(),
+  })
+  results_io.save_json(path, payload)
+  fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(across), 3.6))
+  names = list(across)
+  ax.bar(names, [across[n]["median"] for n in names],
+         yerr=[[across[n]["median"] - across[n]["min"] for n in names],
+               [across[n]["max"] - across[n]["median"] for n in names]], color="tab:red")
+  ax.axhline(1.0, color="gray", lw=0.8)
+  ax.axhline(1.06, color="k", ls="--", lw=0.8, label="1.06 (target at every=10)")
+  ax.set(ylabel="time per step / optax.sgd", yscale="log",
+         title=f"{args.task} {loss} ({args.scale}), {args.processes} processes: median, range")
+  ax.tick_params(axis="x", labelrotation=30, labelsize=7)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path.with_suffix(".png"), dpi=80)
+  plt.close(fig)
+  print("across processes (median [min, max])",
+        {k: f"{v['median']:.3f} [{v['min']:.3f}, {v['max']:.3f}]" for k, v in across.items()})
+  return payload
 
 
 def _quartiles(a: np.ndarray) -> dict:

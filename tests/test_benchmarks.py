@@ -156,3 +156,19 @@ def test_overhead_rows_interleaved_with_the_estimate_cost(tmp_path):
   assert ratios["kstep_every1"]["median"] > ratios["kstep_every10"]["median"]
   assert out["estimate_cost_in_steps"] == pytest.approx(ratios["kstep_every1"]["median"] - 1)
   assert out["holds"] == (ratios["kstep_every10"]["median"] <= 1.06)
+
+
+@pytest.mark.slow
+def test_overhead_across_fresh_processes(tmp_path):
+  cli.main(["overhead", "digits_mlp", "--losses", "mse", "--every", "10", "--variants", "rare",
+            "--rounds", "2", "--chunk", "50", "--processes", "2", "--results-dir", str(tmp_path)])
+  out = json.loads((tmp_path / "digits_mlp" / "overhead_cpu_mse.json").read_text())
+  per = out["per_process_ratio"]
+  assert out["processes"] == 2 and set(per) == {"kstep_every10", "kstep_every1000_rare"}
+  assert all(len(v) == 2 for v in per.values()) and len(out["sgd_us_per_step_per_process"]) == 2
+  for name, v in per.items():
+    across = out["time_ratio_vs_sgd_across_processes"][name]
+    assert across["median"] == pytest.approx(np.median(v), abs=1e-4)  # saved to 4-5 digits
+    assert across["min"] == pytest.approx(min(v), abs=1e-4)
+    assert across["max"] == pytest.approx(max(v), abs=1e-4)
+  assert out["default_ratio"] == out["time_ratio_vs_sgd_across_processes"]["kstep_every10"]["median"]
