@@ -115,7 +115,8 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--chunk", type=int, default=200, help="steps per timed chunk")
   p.add_argument("--variants", type=_strs, default=["fused", "fused1"],
                  help="comma list of one-argument changes at every=10: noguard, refresh1, "
-                      "iters2, probe16, wholebatch, nofloor; rare, rare_noguard: every=1000; "
+                      "iters2, probe16, probe32, wholebatch, nofloor, bare (no guard, no floor), "
+                      "bare16, noguard16; rare, rare_noguard: every=1000; "
                       "fused, fused1: the fused path (kstep.value_and_grad) at every=10 and 1 "
                       "(default: fused,fused1)")
   p.add_argument("--processes", type=int, default=1,
