@@ -171,23 +171,28 @@ def across_processes(args: argparse.Namespace, loss: str, path) -> dict:
       "env": results_io.environment(),
   })
   results_io.save_json(path, payload)
-  fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(across), 3.6))
-  names = list(across)
-  ax.bar(names, [across[n]["median"] for n in names],
-         yerr=[[across[n]["median"] - across[n]["min"] for n in names],
-               [across[n]["max"] - across[n]["median"] for n in names]], color="tab:red")
+  _plot(path, {n: (v["median"], v["min"], v["max"]) for n, v in across.items()},
+        f"{args.task} {loss} ({args.scale}), {args.processes} processes: median, range")
+  print("across processes (median [min, max])",
+        {k: f"{v['median']:.3f} [{v['min']:.3f}, {v['max']:.3f}]" for k, v in across.items()})
+  return payload
+
+
+def _plot(path, bars: dict, title: str) -> None:
+  """Bar chart of ``{name: (value, low, high)}`` ratios (log scale, the 1.06 target drawn)."""
+  fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(bars), 3.6))
+  names = list(bars)
+  ax.bar(names, [bars[n][0] for n in names],
+         yerr=[[bars[n][0] - bars[n][1] for n in names], [bars[n][2] - bars[n][0] for n in names]],
+         color="tab:red")
   ax.axhline(1.0, color="gray", lw=0.8)
   ax.axhline(1.06, color="k", ls="--", lw=0.8, label="1.06 (target at every=10)")
-  ax.set(ylabel="time per step / optax.sgd", yscale="log",
-         title=f"{args.task} {loss} ({args.scale}), {args.processes} processes: median, range")
+  ax.set(ylabel="time per step / optax.sgd", yscale="log", title=title)
   ax.tick_params(axis="x", labelrotation=30, labelsize=7)
   ax.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path.with_suffix(".png"), dpi=80)
   plt.close(fig)
-  print("across processes (median [min, max])",
-        {k: f"{v['median']:.3f} [{v['min']:.3f}, {v['max']:.3f}]" for k, v in across.items()})
-  return payload
 
 
 def _quartiles(a: np.ndarray) -> dict:
@@ -252,20 +257,8 @@ def measure(problem: tasks.Problem, args: argparse.Namespace, path) -> dict:
       "notes": problem.notes, "env": results_io.environment(),
   }
   results_io.save_json(path, payload)
-  fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(ratios), 3.6))
-  names = list(ratios)
-  ax.bar(names, [ratios[n]["median"] for n in names],
-         yerr=[[ratios[n]["median"] - ratios[n]["q25"] for n in names],
-               [ratios[n]["q75"] - ratios[n]["median"] for n in names]], color="tab:red")
-  ax.axhline(1.0, color="gray", lw=0.8)
-  ax.axhline(1.06, color="k", ls="--", lw=0.8, label="1.06 (target at every=10)")
-  ax.set(ylabel="time per step / optax.sgd", yscale="log",
-         title=f"{problem.task} {problem.loss} ({problem.scale}), B={problem.batch_size}")
-  ax.tick_params(axis="x", labelrotation=30, labelsize=7)
-  ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path.with_suffix(".png"), dpi=80)
-  plt.close(fig)
+  _plot(path, {n: (v["median"], v["q25"], v["q75"]) for n, v in ratios.items()},
+        f"{problem.task} {problem.loss} ({problem.scale}), B={problem.batch_size}")
   print("median ratios", {k: round(v["median"], 3) for k, v in ratios.items()})
   print("min-time ratios", {k: round(v, 3) for k, v in min_ratios.items()})
   print("estimate cost in steps: median", est, "min", est_min, "fused (median)", est_fused)
