@@ -141,7 +141,9 @@ def scale_by_k_control(
     probe_batch_size: estimate on every ``B // probe_batch_size``-th example of the batch (the
       trace, its floor and the guard's λ_max): T is a per-example mean, so a sub-batch is
       unbiased for it at a fraction of the cost; the sub-batch's Gauss–Newton λ_max is, if
-      anything, above the batch's (a more cautious guard). ``None``: the whole batch.
+      anything, above the batch's (a more cautious guard). ``None``: the whole batch. Default
+      16: every parity row held as with 32 (3 seeds) and the MNIST MLP step at every=10 cost
+      1.046 / 1.062 × ``optax.sgd`` (MSE / CE) instead of 1.095 / 1.087 (benchmarks README).
     decay_steps: anneal the band: multiply both ends by a cosine from 1 to 0 over this many
       updates (a run of known length). ``None``: a constant band.
     band_decay: instead of ``decay_steps``, any optax schedule of the update count giving the
