@@ -122,7 +122,7 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--processes", type=int, default=1,
                  help="repeat the whole measurement in this many fresh processes, one after "
                       "another, and report the median and range of their medians (on a 2-core "
-                      "CPU the same configuration's ratio moved by up to 0.15 between processes)")
+                      "CPU the same configuration's ratio moved by up to 0.08 between processes)")
 
   p = sub.add_parser("linreg", help="Figure 1 of the K paper: K vs eta and SGD divergence")
   _common(p, task=False)
