@@ -115,8 +115,10 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--chunk", type=int, default=200, help="steps per timed chunk")
   p.add_argument("--variants", type=_strs, default=["fused", "fused1"],
                  help="comma list of one-argument changes at every=10: noguard, refresh1, "
-                      "iters2, probe16, probe32, wholebatch, nofloor, bare (no guard, no floor), "
-                      "bare16, noguard16; rare, rare_noguard: every=1000; "
+                      "iters2, refresh4, probe8, probe16, probe32, wholebatch, nofloor, "
+                      "bare (no guard, no floor), "
+                      "bare16, noguard16; rare, rare_noguard: every=1000; bare1, bare1_probe4: "
+                      "every=1, no guard, no floor, 16 or 4 rows; "
                       "fused, fused1: the fused path (kstep.value_and_grad) at every=10 and 1 "
                       "(default: fused,fused1)")
   p.add_argument("--processes", type=int, default=1,

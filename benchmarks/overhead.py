@@ -48,12 +48,17 @@ VARIANTS = {
     "rare": dict(every=1000),
     "rare_noguard": dict(every=1000, max_sharpness_ratio=None),
     "probe16": dict(probe_batch_size=16),
+    "probe8": dict(probe_batch_size=8),
     "probe32": dict(probe_batch_size=32),
+    "refresh4": dict(refresh_every=4),
     "wholebatch": dict(probe_batch_size=None),
     "nofloor": dict(trace_floor=None),
     "bare": dict(trace_floor=None, max_sharpness_ratio=None),
     "bare16": dict(trace_floor=None, max_sharpness_ratio=None, probe_batch_size=16),
     "noguard16": dict(max_sharpness_ratio=None, probe_batch_size=16),
+    # Light estimates alone at every step: the trace probe's forward and VJP on 16 and 4 rows.
+    "bare1": dict(every=1, trace_floor=None, max_sharpness_ratio=None),
+    "bare1_probe4": dict(every=1, trace_floor=None, max_sharpness_ratio=None, probe_batch_size=4),
     # The fused path (kstep.value_and_grad feeding update's probe=), at every=10 and every=1.
     "fused": dict(),
     "fused1": dict(every=1),
@@ -237,7 +242,8 @@ def measure(problem: tasks.Problem, args: argparse.Namespace, path) -> dict:
       "batch_size": problem.batch_size, "chunk_steps": args.chunk, "rounds": args.rounds,
       "defaults": "k_controlled_sgd at its defaults (guard on, probe_batch_size="
                   f"{kstep.control_defaults.DEFAULT_PROBE_BATCH_SIZE}, sharpness_iters=1, "
-                  "refresh_every=4); variants change one argument at every=10",
+                  f"refresh_every={kstep.control_defaults.DEFAULT_REFRESH_EVERY}); variants "
+                  "change one argument at every=10",
       "variants": {_variant_name(v): VARIANTS[v] for v in args.variants},
       "note": "ratios are t(config)/t(optax.sgd) within one interleaved round; one estimate's "
               "cost in steps is ratio(every=1) - 1",

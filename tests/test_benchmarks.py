@@ -146,14 +146,17 @@ def test_help_lists_commands(capsys):
 
 @pytest.mark.slow
 def test_overhead_rows_interleaved_with_the_estimate_cost(tmp_path):
-  cli.main(["overhead", "digits_mlp", "--losses", "ce", "--every", "1,10", "--variants",
+  cli.main(["overhead", "digits_mlp", "--losses", "ce", "--every", "1,10,100", "--variants",
             "noguard", "--rounds", "3", "--chunk", "100", "--results-dir", str(tmp_path)])
   out = json.loads((tmp_path / "digits_mlp" / "overhead_cpu_ce.json").read_text())
   ratios = out["time_ratio_vs_sgd"]
-  assert set(ratios) == {"kstep_every1", "kstep_every10", "kstep_every10_noguard"}
+  assert set(ratios) == {"kstep_every1", "kstep_every10", "kstep_every100",
+                         "kstep_every10_noguard"}
   assert all(len(v) == 3 for v in out["seconds_per_chunk"].values())  # one per round
-  # An estimate on every step costs more than one every ten steps; the cost is read from it.
-  assert ratios["kstep_every1"]["median"] > ratios["kstep_every10"]["median"]
+  # An estimate on every step costs more than one every hundred steps (every=1 against 10 was
+  # too close to call in 3 rounds beside other tests: it failed ~1 run in 4); the cost is read
+  # from every=1.
+  assert ratios["kstep_every1"]["median"] > ratios["kstep_every100"]["median"]
   assert out["estimate_cost_in_steps"] == pytest.approx(ratios["kstep_every1"]["median"] - 1)
   assert out["holds"] == (ratios["kstep_every10"]["median"] <= 1.06)
 
