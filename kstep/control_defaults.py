@@ -25,7 +25,7 @@ FIRST_PROBES = 8
 # Between refreshes (scale_by_k_control's `refresh_every`) the guard's power steps run only
 # while the last step's η·λ̄ is above this fraction of its cap.
 SHARPNESS_NEAR = 0.5
-DEFAULT_REFRESH_EVERY = 4
+DEFAULT_REFRESH_EVERY = 8
 # Probe rows and warm power steps per estimate (kept in k_estimate, which kstep.value_and_grad
 # shares): one step, then the Rayleigh quotient by a JVP (scale_by_k_control's docstring).
 DEFAULT_PROBE_BATCH_SIZE = k_estimate.DEFAULT_PROBE_BATCH_SIZE
