@@ -157,7 +157,9 @@ def test_overhead_rows_interleaved_with_the_estimate_cost(tmp_path):
   # too close to call in 3 rounds beside other tests: it failed ~1 run in 4); the cost is read
   # from every=1.
   assert ratios["kstep_every1"]["median"] > ratios["kstep_every100"]["median"]
-  assert out["estimate_cost_in_steps"] == pytest.approx(ratios["kstep_every1"]["median"] - 1)
+  # Both saved to 5 significant digits: 1.xxxx and 0.xxxxx differ by up to 5e-5.
+  assert out["estimate_cost_in_steps"] == pytest.approx(ratios["kstep_every1"]["median"] - 1,
+                                                        abs=1e-4)
   assert out["holds"] == (ratios["kstep_every10"]["median"] <= 1.06)
 
 
