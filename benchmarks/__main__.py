@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import pathlib
+import sys
 
 from benchmarks import optimizers, results_io, tasks
 
@@ -29,7 +30,8 @@ def _json_dict(s: str) -> dict:
   return value
 
 
-def _common(p: argparse.ArgumentParser, task: bool = True, batch_list: bool = True) -> None:
+def _common(p: argparse.ArgumentParser, task: bool = True, batch_list: bool = True,
+            results_dir: pathlib.Path = results_io.RUNS_DIR) -> None:
   if task:
     p.add_argument("task", choices=tasks.TASKS)
     p.add_argument("--scale", choices=("cpu", "gpu"), default="cpu",
@@ -44,8 +46,12 @@ def _common(p: argparse.ArgumentParser, task: bool = True, batch_list: bool = Tr
       p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--data-dir", default=results_io.default_data_dir(),
                    help="folder with mnist.npz / cifar10_subset.npz (default $KSTEP_DATA)")
-  p.add_argument("--results-dir", type=pathlib.Path, default=results_io.RESULTS_DIR)
-  p.add_argument("--force", action="store_true", help="rerun runs whose JSON exists")
+  where = "benchmarks/" + results_dir.name
+  p.add_argument("--results-dir", type=pathlib.Path, default=results_dir,
+                 help=f"where the JSONs go (default {where}/)")
+  p.add_argument("--force", action="store_true",
+                 help="rerun runs whose JSON exists (run/bands: the old JSON moves to "
+                      "<results-dir>/superseded/)")
 
 
 def _optimizers(s: str) -> list[str]:
@@ -77,12 +83,14 @@ def _parser() -> argparse.ArgumentParser:
                       "given band is reported as e.g. kstep[2.5-4]")
   p.add_argument("--kstep-kwargs", type=_json_dict, default=None,
                  help='JSON object of k_controlled_sgd arguments for the kstep rows, e.g. '
-                      '\'{"max_sharpness_ratio": 0.7}\' (a trial of the defaults; needs its own '
+                      '\'{"guard": {"ratio": 0.7}}\' (a trial of the defaults; needs its own '
                       '--results-dir, recorded in each run JSON as config.kstep.kwargs)')
   p.add_argument("--quick", action="store_true",
                  help=f"small demo sweep: mse, {','.join(QUICK_OPTIMIZERS)}, base LRs "
                       f"{','.join(f'{x:g}' for x in QUICK_LRS)}, 1 seed")
-  p.add_argument("--no-report", action="store_true")
+  p.add_argument("--no-report", action="store_true",
+                 help="do not print the report afterwards (run never writes summaries: "
+                      "that is `report`)")
 
   p = sub.add_parser("bands", help="band sweep (center x width grid) of k_controlled_sgd")
   _common(p)
@@ -95,18 +103,24 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--seeds", type=_ints, default=None)
   p.add_argument("--no-report", action="store_true")
 
-  p = sub.add_parser("report", help="parity headline, tables, summaries and plots from the "
-                                    "JSONs already on disk (one or more tasks)")
+  p = sub.add_parser("report", help="parity headline and tables from the JSONs already on "
+                                    "disk (one or more tasks); writes each task's summary.md, "
+                                    "summary.csv and plots")
   p.add_argument("task", nargs="+", choices=tasks.TASKS)
   p.add_argument("--scale", choices=("cpu", "gpu"), default="cpu")
   p.add_argument("--losses", type=_strs, default=None, help="comma list of mse,ce")
   p.add_argument("--steps", type=int, default=None, help="default: each task's")
   p.add_argument("--batch-size", type=_ints, default=None,
                  help="only these batch sizes (default: every one on disk)")
-  p.add_argument("--results-dir", type=pathlib.Path, default=results_io.RESULTS_DIR)
+  p.add_argument("--results-dir", type=pathlib.Path, default=results_io.RUNS_DIR,
+                 help="where the run JSONs are read (default benchmarks/runs/)")
+  p.add_argument("--out-dir", type=pathlib.Path, default=None,
+                 help="where <task>/summary.md, summary.csv, the plots and parity.md go "
+                      "(default benchmarks/results/; for another --results-dir, that folder)")
   p.add_argument("--markdown", action="store_true",
-                 help="also print the README's markdown results table")
-  p.add_argument("--no-plots", action="store_true")
+                 help="also print the combined parity table of the tasks given and write it to "
+                      "<out-dir>/parity.md")
+  p.add_argument("--no-plots", action="store_true", help="keep the plots already there")
 
   p = sub.add_parser("overhead", help="steps/s of k_controlled_sgd vs optax.sgd, interleaved")
   _common(p, batch_list=False)
@@ -127,7 +141,7 @@ def _parser() -> argparse.ArgumentParser:
                       "CPU the same configuration's ratio moved by up to 0.08 between processes)")
 
   p = sub.add_parser("linreg", help="Figure 1 of the K paper: K vs eta and SGD divergence")
-  _common(p, task=False)
+  _common(p, task=False, results_dir=results_io.RESULTS_DIR)
   p.add_argument("--etas", type=_floats, default=None)
   p.add_argument("--seeds", type=_ints, default=[0, 1, 2])
   p.add_argument("--steps", type=int, default=10_000)
@@ -160,15 +174,21 @@ def main(argv: list[str] | None = None) -> None:
 
   if args.cmd == "report":
     summaries = []
+    out = results_io.summary_dir(args.results_dir, args.out_dir)
     for task in args.task:
       d = tasks.defaults(task, args.scale)
       summary = report.report(args.results_dir, task, args.scale, args.losses or list(d.losses),
-                              args.steps or d.steps, args.batch_size, plot=not args.no_plots)
+                              args.steps or d.steps, args.batch_size, plot=not args.no_plots,
+                              out=out)
       report.print_summary(summary)
       print()
       summaries.append(summary)
     if args.markdown:
-      print(report.markdown(summaries))
+      table = report.markdown(summaries, command="python -m benchmarks " + " ".join(
+          argv if argv is not None else sys.argv[1:]))
+      print(table)
+      out.mkdir(parents=True, exist_ok=True)
+      (out / "parity.md").write_text(table + "\n")
     return
 
   d = tasks.defaults(args.task, args.scale)
@@ -183,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
       lrs, seeds = args.lrs or QUICK_LRS, args.seeds or [0]
     jobs = sweep.lr_jobs(losses, opts, lrs, seeds, tuple(args.band) if args.band else None,
                          batch_sizes)
-    if args.kstep_kwargs and args.results_dir == results_io.RESULTS_DIR:
+    if args.kstep_kwargs and results_io.is_default_runs_dir(args.results_dir):
       raise SystemExit("run: --kstep-kwargs trials need their own --results-dir (the default "
                        "one holds the runs at the controller's defaults)")
     counts = sweep.run_jobs(args.task, args.scale, jobs, root=args.results_dir,
@@ -202,8 +222,12 @@ def main(argv: list[str] | None = None) -> None:
   print(f"runs: {counts['ran']} ran, {counts['skipped']} skipped (already on disk)")
   if not args.no_report:
     print()
-    summary = report.report(args.results_dir, args.task, args.scale, losses, steps, batch_sizes)
+    summary = report.report(args.results_dir, args.task, args.scale, losses, steps, batch_sizes,
+                            write=False)
     report.print_summary(summary)
+    where = ("" if results_io.is_default_runs_dir(args.results_dir)
+             else f" --results-dir {args.results_dir}")
+    print(f"\n(summary.md, summary.csv and plots: python -m benchmarks report {args.task}{where})")
 
 
 if __name__ == "__main__":

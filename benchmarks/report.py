@@ -1,16 +1,24 @@
-"""Turns a task's run JSONs into results: the parity headline, per-optimizer tables, summaries
-(``summary_<scale>_<loss>_B<batch>.json``), PNG plots and the README's markdown table.
+"""Turns a task's run JSONs into results: the parity headline, per-optimizer tables, the
+committed per-task summary (``summary.md``, ``summary.csv``, PNG plots) and the combined parity
+table (``parity.md``).
 
-Results are grouped by loss and batch size. The text report reads as a result: first one parity
-sentence per (loss, B), then each group's table of test accuracies (3 decimals) with the base LR
-they came from and the divergences.
+Reads the raw JSONs under ``--results-dir`` (default ``benchmarks/runs/``) and writes to
+``--out-dir`` (default ``benchmarks/results/``; for any other ``--results-dir`` that folder
+itself). The machine-readable summary of each group, ``summary_<scale>_<loss>_B<B>.json``, stays
+beside the raw JSONs. Results are grouped by loss and batch size. The text report reads as a
+result: first one parity sentence per (loss, B), then each group's table of test accuracies (3
+decimals) with the base LR they came from and the divergences.
 """
 
 from __future__ import annotations
 
 import collections
+import csv
+import json
 import math
 import pathlib
+import re
+import shutil
 from typing import Any
 
 from benchmarks import analysis, optimizers, plots, results_io
@@ -51,11 +59,37 @@ def _name(name: str) -> str:
   return name if "[" in name else optimizers.SHORT.get(name, name)
 
 
+def _provenance(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+  """Per optimizer row: the commits, dates and ``--kstep-kwargs`` its runs were made with."""
+  out: dict[str, dict[str, Any]] = {}
+  for r in runs:
+    if r["kind"] != "lr_sweep":
+      continue
+    env = r.get("env", {})
+    v = out.setdefault(analysis.opt_key(r), {"commits": [], "dates": [], "kwargs": []})
+    commit = (env.get("git") or {}).get("commit")
+    v["commits"].append(commit[:7] if commit else "?")
+    v["dates"].append(str(env.get("date", ""))[:10])
+    kw = json.dumps((r["config"].get("kstep") or {}).get("kwargs") or {}, sort_keys=True)
+    v["kwargs"].append(kw)
+  for v in out.values():
+    v["commits"] = list(dict.fromkeys(sorted(v["commits"])))
+    dates = sorted(d for d in v["dates"] if d)
+    v["dates"] = [dates[0], dates[-1]] if dates else []
+    v["kwargs"] = sorted(set(v["kwargs"]) - {"{}"})
+  return out
+
+
 def report(root: pathlib.Path, task: str, scale: str, losses, steps: int,
-           batch_sizes=None, plot: bool = True) -> dict[str, Any]:
-  """Summaries of ``task`` per (loss, batch size) found on disk (``batch_sizes``: only those);
-  writes ``summary_<scale>_<loss>_B<B>.json`` and the plots next to the runs."""
-  out = {}
+           batch_sizes=None, plot: bool = True, out: pathlib.Path | None = None,
+           write: bool = True) -> dict[str, Any]:
+  """Summaries of ``task`` per (loss, batch size) found under ``root`` (``batch_sizes``: only
+  those). ``write``: saves ``summary_<scale>_<loss>_B<B>.json`` beside the runs and the task's
+  ``summary.md``, ``summary.csv`` and plots under ``out`` (default
+  :func:`results_io.summary_dir`); without it nothing is written."""
+  out_task = results_io.summary_dir(root, out) / task
+  result = {}
+  written: list[pathlib.Path] = []
   for loss in losses:
     by_b: dict[int, list] = collections.defaultdict(list)
     for r in results_io.load_runs(root, task, scale, loss, steps):
@@ -70,13 +104,16 @@ def report(root: pathlib.Path, task: str, scale: str, losses, steps: int,
       bands = analysis.band_summary(runs)
       files = []
       stem = f"{scale}_{loss}_B{b}"
-      if plot and head["table"]:
-        files.append(plots.lr_sweep(head["table"], title, root / task / f"{stem}_lr_sweep.png"))
+      if write and plot and head["table"]:
+        files.append(plots.lr_sweep(head["table"], title, out_task / f"{stem}_lr_sweep.png"))
         lr = float(head["per_optimizer"].get("cosine", {}).get("best_lr", 0.1))
-        files.append(plots.trajectories(runs, lr, title, root / task / f"{stem}_trajectories.png"))
-      for name, bs in bands.items() if plot else ():
+        files.append(plots.trajectories(runs, lr, title, out_task / f"{stem}_trajectories.png"))
+      for name, bs in bands.items() if write and plot else ():
         files.append(plots.band_heatmap(bs, f"{title}, {name}",
-                                        root / task / f"{stem}_{name}_bands.png"))
+                                        out_task / f"{stem}_{name}_bands.png"))
+      if write and not plot:  # keep the plots already there
+        files = sorted(out_task.glob(f"{stem}_*.png"))
+      written += files
       envs = sorted((r["env"] for r in runs), key=lambda e: str(e.get("date", "")))
       commands = list(dict.fromkeys(e.get("command", "?") for e in envs))
       summary = {"task": task, "scale": label, "scale_key": scale, "loss": loss,
@@ -85,9 +122,35 @@ def report(root: pathlib.Path, task: str, scale: str, losses, steps: int,
                  "machines": sorted({_machine(e) for e in envs}), "commands": commands,
                  "dates": [envs[0].get("date"), envs[-1].get("date")],
                  "notes": runs[0]["config"]["notes"], "headline": head, "bands": bands,
-                 "plots": [p.name for p in files]}
-      results_io.save_json(root / task / f"summary_{stem}.json", summary)
-      out[f"{loss}_B{b}"] = summary
+                 "provenance": _provenance(runs), "plots": [p.name for p in files]}
+      if write:
+        results_io.save_json(root / task / f"summary_{stem}.json", summary)
+      result[f"{loss}_B{b}"] = summary
+  if write:
+    overhead = load_overhead(root, task, scale)
+    for loss, payload in overhead.items():
+      png = root / task / f"overhead_{scale}_{loss}.png"
+      if png.exists():
+        out_task.mkdir(parents=True, exist_ok=True)
+        if png.resolve() != (out_task / png.name).resolve():
+          shutil.copyfile(png, out_task / png.name)
+        written.append(out_task / png.name)
+    if plot:  # plots of groups no longer on disk (or renamed) go
+      for stale in out_task.glob(f"{scale}_*.png"):
+        if stale not in written:
+          stale.unlink()
+    if result or overhead:
+      write_task_summary(out_task, task, scale, result, overhead, root)
+  return result
+
+
+def load_overhead(root: pathlib.Path, task: str, scale: str) -> dict[str, dict[str, Any]]:
+  """``{loss: payload}`` of the task's ``overhead_<scale>_<loss>.json`` files under ``root``."""
+  out = {}
+  for loss in ("mse", "ce"):
+    path = root / task / f"overhead_{scale}_{loss}.json"
+    if path.exists():
+      out[loss] = results_io.load_json(path)
   return out
 
 
@@ -190,46 +253,248 @@ def _lr_free_best(h: dict[str, Any]) -> str:
   if not h["lr_free"]:
     return "-"
   name, v = max(h["lr_free"].items(), key=lambda kv: kv[1]["mean"])
-  return f"{v['mean']:.3f} ({_name(name)})"
+  return f"{_name(name)} {v['mean']:.3f}" + ("" if v["n"] > 1 else " (1 seed)")
 
 
-def markdown(summaries: list[dict[str, Any]] | dict[str, Any]) -> str:
-  """The README's results table over one or more tasks' summaries, then commands and machines."""
+def _grid(h: dict[str, Any], name: str) -> str:
+  """``seeds × base LRs`` of one optimizer row, e.g. ``3 × 10`` or ``1–3 × 10``."""
+  entry = h["table"].get(name, {})
+  if not entry:
+    return "-"
+  seeds = sorted({v["seeds"] for v in entry.values()})
+  n = f"{seeds[0]}" if len(seeds) == 1 else f"{seeds[0]}–{seeds[-1]}"
+  return f"{n} seed{'s' if seeds[-1] > 1 else ''}" if "free" in entry else f"{n} × {len(entry)}"
+
+
+def _gap2(p: dict[str, Any] | None) -> str:
+  """The parity gap in points to 0.01 with its verdict, e.g. ``−0.25 (holds)``."""
+  if p is None:
+    return "-"
+  g = f"{100.0 * p['margin'] + 0.0:+.2f}".replace("-", "−")
+  return f"{g} ({'holds' if p['holds'] else 'fails'})"
+
+
+def _acc_lr(v: dict[str, Any], which: str) -> str:
+  return f"{v[which + '_acc']:.3f} ({fmt_lr(v[which + '_lr'])})"
+
+
+PARITY_HEADER = ["| task | loss | B | seeds | best tuned cosine (LR) | kstep annealed worst / best "
+                 "over base LRs | kstep seeds × base LRs | gap, points | best LR-free |",
+                 "|---|---|---|---|---|---|---|---|---|"]
+
+
+def parity_row(s: dict[str, Any]) -> str:
+  """One group's row of the combined parity table."""
+  h = s["headline"]
+  per = h["per_optimizer"]
+  c = per.get("cosine")
+  k = per.get("kstep_anneal")
+  p = h.get("parity") if k else None
+  kstep = f"{_acc_lr(k, 'worst')} / {_acc_lr(k, 'best')}" if k else "not run"
+  return (f"| {s['task']} ({s['scale']}) | {s['loss']} | {s['batch_size']} | {len(s['seeds'])} | "
+          f"{_acc_lr(c, 'best') if c else '-'} | {kstep} | {_grid(h, 'kstep_anneal')} | "
+          f"{_gap2(p)} | {_lr_free_best(h)} |")
+
+
+def markdown(summaries: list[dict[str, Any]] | dict[str, Any], command: str | None = None) -> str:
+  """The combined parity table over one or more tasks' summaries (``parity.md``): one row per
+  (task, loss, B), then how it was made and on which machines."""
   if isinstance(summaries, dict):
     summaries = [summaries]
-  lines = ["| task | loss | B | seeds | best cosine (LR) | kstep annealed, worst / best over base "
-           "LRs | parity gap | kstep constant band, worst / best | LR-free best | diverged |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
-  commands: dict[str, list[str]] = {}
+  lines = list(PARITY_HEADER)
   machines: set[str] = set()
+  dates: list[str] = []
   for summary in summaries:
     for s in summary.values():
-      h = s["headline"]
-      per = h["per_optimizer"]
-      c = per.get("cosine")
-      cos = f"{c['best_acc']:.3f} ({fmt_lr(c['best_lr'])})" if c else "-"
-
-      def wb(name):
-        v = per.get(name)
-        return f"{v['worst_acc']:.3f} / {v['best_acc']:.3f}" if v else "-"
-
-      p = h.get("parity")
-      gap = f"{_pts(p['margin'])} pt ({'holds' if p['holds'] else 'fails'})" if p else "-"
-      div = "; ".join(f"{_name(n)} at {fmt_lrs(v['diverged_lrs'])}" for n, v in per.items()
-                      if v["diverged_lrs"] and n.split("[")[0] in optimizers.PARITY) or "none"
-      task = f"{s['task']} ({s['scale']})"
-      lines.append(f"| {task} | {s['loss']} | {s['batch_size']} | {len(s['seeds'])} | {cos} | "
-                   f"{wb('kstep_anneal')} | {gap} | {wb('kstep')} | {_lr_free_best(h)} | "
-                   f"{div} |")
-      commands.setdefault(task, [])
-      commands[task] += [c for c in s["commands"] if c not in commands[task]]
+      lines.append(parity_row(s))
       machines.update(s["machines"])
-  lines.append("")
-  for task, cmds in commands.items():
-    lines.append(f"{task}: " + "; ".join(f"`{c}`" for c in cmds))
-  lines.append("")
-  lines.append(f"Machine: {'; '.join(sorted(machines))}.")
+      dates += [d for d in s["dates"] if d]
+  lines += ["", "Test accuracy after the task's steps, mean over seeds at each base LR (a diverged "
+            "run counts as 0). Gap: kstep annealed's worst base LR minus the best tuned cosine; "
+            "parity holds at ≥ −0.5 point. Per-task tables, per-LR values and plots: "
+            "`benchmarks/results/<task>/summary.md`."]
+  if command:
+    lines += ["", f"Regenerate: `{command}` (from the run JSONs in `benchmarks/runs/`)."]
+  if dates:
+    lines += ["", f"Runs dated {min(dates)[:10]} to {max(dates)[:10]}."]
+  lines += ["", f"Machine: {'; '.join(sorted(machines))}."]
   return "\n".join(lines)
+
+
+def _ran_at(prov: dict[str, Any] | None) -> str:
+  if not prov:
+    return "-"
+  commits = prov["commits"]
+  at = ", ".join(commits) if len(commits) <= 3 else f"{len(commits)} commits"
+  dates = prov["dates"]
+  when = "" if not dates else (dates[0] if dates[0] == dates[1] else f"{dates[0]}…{dates[1]}")
+  kw = "; ".join(f"`{k}`" for k in prov["kwargs"])
+  return f"{at} ({when})" + (f", `--kstep-kwargs` {kw}" if kw else "")
+
+
+def group_markdown(s: dict[str, Any], out_task: pathlib.Path) -> list[str]:
+  """One (loss, B) group of ``summary.md``: per-optimizer table, band sweeps, plots."""
+  h = s["headline"]
+  prov = s.get("provenance", {})
+  lines = [f"### {s['loss']}, B = {s['batch_size']}", "",
+           f"{s['num_runs']} runs. " + " ".join(headline_lines(s)[:1]).split(": ", 1)[-1], "",
+           "| optimizer | best (base LR) | worst (base LR) | seeds × base LRs | diverged at | "
+           "ran at |", "|---|---|---|---|---|---|"]
+  for name in _sorted(h["per_optimizer"], ORDER):
+    v = h["per_optimizer"][name]
+    lines.append(f"| {_name(name)} | {_acc_lr(v, 'best')} | {_acc_lr(v, 'worst')} | "
+                 f"{_grid(h, name)} | {fmt_lrs(v['diverged_lrs'])} | {_ran_at(prov.get(name))} |")
+  for name in _sorted(h["lr_free"], FREE_ORDER):
+    v = h["lr_free"][name]
+    div = f"{v['diverged']} of {v['n']} seeds" if v["diverged"] else "none"
+    lines.append(f"| {_name(name)} (LR-free) | {v['mean']:.3f} ± {v['std']:.3f} | | "
+                 f"{_grid(h, name)} | {div} | {_ran_at(prov.get(name))} |")
+  for name, b in s["bands"].items():
+    lines += ["", f"Band sweep ({_name(name)}): best worst-case band {b['recommended']} "
+              f"({b['rows'][0]['worst']:.3f})."]
+  pngs = [name for name in s["plots"] if (out_task / name).exists()]
+  if pngs:
+    lines += [""] + [f"![{name}]({name})" for name in pngs]
+  return lines + [""]
+
+
+def _overhead_label(name: str) -> str:
+  """``kstep_every10`` -> ``every=10 (the defaults)``, ``kstep_every10_noguard`` -> ``every=10,
+  noguard``."""
+  m = re.fullmatch(r"kstep_every(\d+)(?:_(.+))?", name)
+  if not m:
+    return name
+  every, variant = m.groups()
+  if variant:
+    return f"every={every}, {variant}"
+  return f"every={every}" + (" (the defaults)" if every == "10" else "")
+
+
+def overhead_markdown(overhead: dict[str, dict[str, Any]], scale: str) -> list[str]:
+  """The overhead section of ``summary.md``: time per step over ``optax.sgd``, per loss."""
+  losses = list(overhead)
+  first = overhead[losses[0]]
+  names: list[str] = []
+  for payload in overhead.values():
+    ratios = payload.get("time_ratio_vs_sgd_across_processes") or payload["time_ratio_vs_sgd"]
+    names += [n for n in ratios if n not in names]
+  head = " | ".join(f"{loss} (B = {overhead[loss]['batch_size']}) | guard share" for loss in losses)
+  lines = ["## Overhead", "",
+           "Time per step of `k_controlled_sgd` over `optax.sgd(0.01, momentum=0.9)` on the same "
+           "batches, interleaved rounds; per process the median of the per-round ratios, then the "
+           "median [min, max] over fresh processes (one process: [q25, q75] over rounds). Guard "
+           "share: the fraction of estimates that ran the guard's power steps. "
+           f"{first.get('defaults', '')}.", "",
+           f"| configuration | {head} |", "|---|" + "---|---|" * len(losses)]
+  for name in names:
+    variant = first.get("variants", {}).get(name)
+    label = _overhead_label(name)
+    if variant:
+      label += f" `{json.dumps(variant)}`"
+    cells = []
+    for loss in losses:
+      p = overhead[loss]
+      across = p.get("time_ratio_vs_sgd_across_processes")
+      if across and name in across:
+        v = across[name]
+        cells.append(f"{v['median']:.3f} [{v['min']:.3f}, {v['max']:.3f}]")
+      elif name in p["time_ratio_vs_sgd"]:
+        v = p["time_ratio_vs_sgd"][name]
+        cells.append(f"{v['median']:.3f} [{v['q25']:.3f}, {v['q75']:.3f}]")
+      else:
+        cells.append("-")
+      share = p.get("guard_share_of_estimates", {}).get(name)
+      cells.append("-" if share is None else f"{share:.2f}")
+    lines.append(f"| {label} | " + " | ".join(cells) + " |")
+  lines.append("")
+  for loss in losses:
+    p = overhead[loss]
+    across = p.get("time_ratio_vs_sgd_across_processes") or {}
+    est = p.get("estimate_cost_in_steps_across_processes", p.get("estimate_cost_in_steps"))
+    fused1 = across.get("kstep_every1_fused1", {}).get("median")
+    sgd = p.get("sgd_us_per_step_per_process")
+    env = p.get("env", {})
+    commit = ((env.get("git") or {}).get("commit") or "?")[:7]
+    n = p.get("processes", 1)
+    parts = [f"{loss}: {n} process{'es' if n > 1 else ''} × {p['rounds']} rounds × "
+             f"{p['chunk_steps']} steps"]
+    if est is not None:
+      parts.append(f"one estimate ≈ {est:.2f} SGD step" + (
+          f" (fused: {fused1 - 1:.2f})" if fused1 is not None else ""))
+    if sgd:
+      parts.append(f"SGD step {min(sgd) / 1e3:.3g}–{max(sgd) / 1e3:.3g} ms")
+    parts.append(f"`{env.get('command', '?')}` at {commit} ({str(env.get('date', ''))[:10]})")
+    lines.append("* " + "; ".join(parts) + ".")
+  pngs = [f"overhead_{scale}_{loss}.png" for loss in losses]
+  lines += [""] + [f"![{name}]({name})" for name in pngs] + [""]
+  return lines
+
+
+def write_csv(path: pathlib.Path, summaries: dict[str, Any]) -> None:
+  """Per (optimizer, loss, B, base LR): test accuracy mean ± std over seeds, and more."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with path.open("w", newline="") as f:
+    w = csv.writer(f, lineterminator="\n")
+    w.writerow(["task", "scale", "loss", "batch_size", "steps", "optimizer", "base_lr", "seeds",
+                "test_acc_mean", "test_acc_std", "train_loss_mean", "diverged_runs", "commits"])
+    for s in summaries.values():
+      table = s["headline"]["table"]
+      prov = s.get("provenance", {})
+      for name in _sorted(table, ORDER + FREE_ORDER):
+        for lr in sorted(table[name], key=lambda x: -1.0 if x == "free" else float(x)):
+          v = table[name][lr]
+          loss = v["train_loss"]["mean"]
+          w.writerow([s["task"], s["scale_key"], s["loss"], s["batch_size"], s["steps"], name,
+                      lr, v["seeds"], f"{v['test_acc']['mean']:.4f}",
+                      f"{v['test_acc']['std']:.4f}",
+                      f"{loss:.4g}" if math.isfinite(loss) else "inf", v["diverged"],
+                      " ".join(prov.get(name, {}).get("commits", []))])
+
+
+def summary_names(scale: str) -> tuple[str, str]:
+  """``summary.md``/``summary.csv`` for the CPU scale, ``summary_<scale>.*`` for another."""
+  tag = "" if scale == "cpu" else f"_{scale}"
+  return f"summary{tag}.md", f"summary{tag}.csv"
+
+
+def write_task_summary(out_task: pathlib.Path, task: str, scale: str, summaries: dict[str, Any],
+                       overhead: dict[str, dict[str, Any]], root: pathlib.Path) -> pathlib.Path:
+  """Writes the task's ``summary.md`` and ``summary.csv`` into ``out_task``."""
+  md_name, csv_name = summary_names(scale)
+  out_task.mkdir(parents=True, exist_ok=True)
+  where = (f"`benchmarks/runs/{task}/`" if results_io.is_default_runs_dir(root)
+           else f"`{root / task}`")
+  lines = [f"# {task}: benchmark summary ({scale})", "",
+           f"Written by `python -m benchmarks report {task}"
+           f"{'' if scale == 'cpu' else ' --scale ' + scale}` from the run JSONs in {where}; "
+           "do not edit by hand.", ""]
+  if summaries:
+    first = next(iter(summaries.values()))
+    dates = sorted(d for s in summaries.values() for d in s["dates"] if d)
+    machines = sorted({m for s in summaries.values() for m in s["machines"]})
+    lines += [f"{first['notes']}; {first['steps']} steps; momentum 0.9. Test accuracy: mean "
+              "over seeds at each base LR (a diverged run counts as 0). Runs dated "
+              f"{dates[0][:10]} to {dates[-1][:10]} on {'; '.join(machines)}. "
+              f"Per base LR: `{csv_name}`.", "",
+              "## Parity", "", *PARITY_HEADER]
+    lines += [parity_row(s) for s in summaries.values()]
+    lines += ["", "Gap: kstep annealed's worst base LR minus the best tuned cosine, points; "
+              "parity holds at ≥ −0.5 point. \"ran at\": the commits (and dates) of the runs, "
+              "with any `--kstep-kwargs` they were given.", ""]
+    for s in summaries.values():
+      lines += group_markdown(s, out_task)
+    commands: dict[str, int] = collections.Counter()
+    for s in summaries.values():
+      for c in s["commands"]:
+        commands[c] += 1
+    lines += ["Commands recorded in the JSONs, as run (a `--results-dir` marks runs made in a "
+              "trial folder and copied in):", ""] + [f"* `{c}`" for c in commands] + [""]
+  if overhead:
+    lines += overhead_markdown(overhead, scale)
+  path = out_task / md_name
+  path.write_text("\n".join(lines).rstrip("\n") + "\n")
+  write_csv(out_task / csv_name, summaries)
+  return path
 
 
 def accuracy_gap(summary: dict[str, Any], key: str) -> float:

@@ -1,4 +1,10 @@
-"""Where results live, what every JSON records about the machine, and run-level resume/skip."""
+"""Where results live, what every JSON records about the machine, and run-level resume/skip.
+
+Two folders: :data:`RUNS_DIR` (``benchmarks/runs/``, git-ignored) holds the raw JSONs, one per
+run, that ``run``, ``bands`` and ``overhead`` write; :data:`RESULTS_DIR` (``benchmarks/results/``,
+committed) holds what ``report`` makes of them: per task ``summary.md``, ``summary.csv`` and
+the plots, and the combined ``parity.md``.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +21,35 @@ import jax
 import numpy as np
 import optax
 
-RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
+HERE = pathlib.Path(__file__).resolve().parent
+RUNS_DIR = HERE / "runs"  # raw per-run JSONs (git-ignored)
+RESULTS_DIR = HERE / "results"  # committed summaries and plots
+SUPERSEDED = "superseded"  # RUNS_DIR/superseded/<same layout>: runs replaced by a rerun
+
+
+def is_default_runs_dir(path: pathlib.Path) -> bool:
+  return pathlib.Path(path).resolve() == RUNS_DIR
+
+
+def summary_dir(runs_dir: pathlib.Path, out: pathlib.Path | None = None) -> pathlib.Path:
+  """Where ``report`` writes: ``out`` if given, else :data:`RESULTS_DIR` for the default runs
+  folder and the runs folder itself for any other (a trial, a test's tmp dir)."""
+  if out is not None:
+    return pathlib.Path(out)
+  return RESULTS_DIR if is_default_runs_dir(runs_dir) else pathlib.Path(runs_dir)
+
+
+def supersede(root: pathlib.Path, path: pathlib.Path) -> pathlib.Path:
+  """Moves the run JSON ``path`` (under ``root``) to ``root/superseded/`` at the same relative
+  path (``.1``, ``.2``, ... appended where one is already there); returns where it went."""
+  dst = root / SUPERSEDED / path.relative_to(root)
+  n = 0
+  while dst.exists():
+    n += 1
+    dst = (root / SUPERSEDED / path.relative_to(root)).with_suffix(f".{n}.json")
+  dst.parent.mkdir(parents=True, exist_ok=True)
+  path.replace(dst)
+  return dst
 
 
 def default_data_dir() -> str | None:
@@ -113,7 +147,8 @@ def load_json(path: pathlib.Path) -> dict[str, Any]:
 
 
 def _date(run: dict[str, Any]) -> str:
-  return str(run.get("env", {}).get("date", ""))
+  """The run's UTC date (ISO 8601, so newer sorts later); the file's mtime where none."""
+  return str(run.get("env", {}).get("date", "") or run.get("_mtime", ""))
 
 
 def run_key(run: dict[str, Any]) -> tuple:
@@ -126,10 +161,17 @@ def run_key(run: dict[str, Any]) -> tuple:
 def load_runs(root: pathlib.Path, task: str, scale: str, loss: str, steps: int | None = None,
               batch_size: int | None = None) -> list[dict[str, Any]]:
   """Every run JSON of one task/scale/loss (optionally only those with ``steps`` steps and
-  batch size ``batch_size``). Files written before the batch size entered the file name can
-  duplicate a newer run: of the same experiment (:func:`run_key`) the newest is kept."""
+  batch size ``batch_size``). Several JSONs of the same experiment (:func:`run_key`: files
+  written before the batch size entered the file name, or copied in under another name): the
+  newest by ``env.date`` is kept."""
   base = root / task / "runs" / scale / loss
-  runs = [load_json(p) for p in sorted(base.glob("*/*.json"))]
+  runs = []
+  for p in sorted(base.glob("*/*.json")):
+    run = load_json(p)
+    if not run.get("env", {}).get("date"):
+      run["_mtime"] = datetime.datetime.fromtimestamp(
+          p.stat().st_mtime, datetime.timezone.utc).isoformat(timespec="seconds")
+    runs.append(run)
   if steps is not None:
     runs = [r for r in runs if r["config"]["steps"] == steps]
   if batch_size is not None:

@@ -1,4 +1,5 @@
-"""Sweeps of runs with resume: one JSON per run, skipped if present unless ``force``."""
+"""Sweeps of runs with resume: one JSON per run, skipped if present unless ``force`` (which
+reruns it and moves the old JSON to ``<root>/superseded/``)."""
 
 from __future__ import annotations
 
@@ -56,7 +57,8 @@ def band_jobs(losses: Iterable[str], bands: Sequence[Band], lrs: Sequence[float]
 def run_jobs(task: str, scale: str, jobs: list[Job], *, root: pathlib.Path,
              data_dir: str | None, steps: int | None = None, force: bool = False,
              kind: str = "lr_sweep", kstep_kwargs: dict | None = None) -> dict[str, int]:
-  """Runs every job not already on disk; returns counts of ``ran`` and ``skipped``.
+  """Runs every job not already on disk (``force``: every job; a JSON it replaces is moved to
+  ``root/superseded/``); returns counts of ``ran`` and ``skipped``.
 
   ``kstep_kwargs``: extra ``k_controlled_sgd`` arguments for the kstep rows (a trial)."""
   problems: dict[tuple[str, int], tasks.Problem] = {}
@@ -93,6 +95,8 @@ def run_jobs(task: str, scale: str, jobs: list[Job], *, root: pathlib.Path,
       config["kstep"] = optimizers.kstep_config(job.optimizer, tasks.KSTEP_LOSS[job.loss],
                                                 band, problem.steps)
       config["kstep"]["kwargs"] = dict(kstep_kwargs or {})
+    if path.exists():  # --force: the old JSON is kept under root/superseded/, not deleted
+      results_io.supersede(root, path)
     results_io.save_json(path, {
         "task": task, "scale": problem.scale, "scale_key": scale, "loss": job.loss,
         "optimizer": job.optimizer, "optimizer_label": optimizers.LABELS[job.optimizer],

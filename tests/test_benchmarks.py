@@ -69,8 +69,16 @@ def test_digits_sweep_reports_parity_by_batch_size(tmp_path, capsys):
   stated = float(m.group(1)) * (1 if m.group(2) == "above" else -1)
   assert stated == pytest.approx(round(100 * _gap_from_jsons(tmp_path, 64), 1), abs=1e-9)
   assert out.index("parity:") < out.index("== digits_mlp")  # the headline comes first
+  # `run` only prints; `report` writes the summaries (beside the runs for a --results-dir).
+  assert not (tmp_path / "digits_mlp" / "summary.md").exists()
+  cli.main(["report", "digits_mlp", "--losses", "mse", "--steps", "30", "--results-dir",
+            str(tmp_path)])
+  capsys.readouterr()
   assert (tmp_path / "digits_mlp" / "cpu_mse_B64_lr_sweep.png").stat().st_size > 0
   assert (tmp_path / "digits_mlp" / "summary_cpu_mse_B64.json").exists()
+  summary = tmp_path / "digits_mlp"
+  assert "| digits_mlp (CPU) | mse | 64 | 1 |" in (summary / "summary.md").read_text()
+  assert "kstep_anneal,1,1," in (summary / "summary.csv").read_text()
 
   cli.main(args + ["--optimizers", "cosine,kstep_anneal", "--lrs", "0.01,1", "--no-report"])
   assert "0 ran, 4 skipped" in capsys.readouterr().out  # resumes
