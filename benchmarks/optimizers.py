@@ -4,15 +4,12 @@ All use heavy-ball momentum 0.9 where they have momentum. ``lr`` and ``band`` ma
 sweep over base LRs, seeds or bands compiles once per optimizer.
 
 The kstep rows run ``k_controlled_sgd`` at its defaults (``target=None``: the loss's default band
-and output norm) unless a band is given. Stats are read through :func:`kstep_stat`, which prefers
-the controller's current names (``k_learning_rate``, ``k_trace``) and falls back to the older ones
-(``learning_rate``, ``trace``), so the benchmarks run on either side of that rename.
+and output norm) unless a band is given; ``--kstep-kwargs`` adds options in their JSON form
+(:func:`kstep_options`).
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
 from typing import Any, Callable
 
 import jax
@@ -62,12 +59,6 @@ KSTEP_TRACE = {
 }
 
 
-@functools.lru_cache(maxsize=None)
-def controller_accepts(name: str) -> bool:
-  """Whether ``kstep.k_controlled_sgd`` takes the keyword ``name`` (feature detection)."""
-  return name in inspect.signature(kstep.k_controlled_sgd).parameters
-
-
 def kstep_stat(stats: dict[str, Any], *names: str) -> Any:
   """The first of ``names`` present in ``stats`` (e.g. ``"k_learning_rate", "learning_rate"``)."""
   for name in names:
@@ -76,23 +67,26 @@ def kstep_stat(stats: dict[str, Any], *names: str) -> Any:
   raise KeyError(f"none of {names} in kstep.stats(state) (keys: {sorted(stats)})")
 
 
+def kstep_options(kwargs: dict[str, Any] | None) -> dict[str, Any]:
+  """``k_controlled_sgd`` keyword arguments from their JSON form (``--kstep-kwargs``):
+  ``"estimate"`` and ``"guard"`` given as dicts of their fields become ``kstep.Estimate`` and
+  ``kstep.Guard`` (``"guard": null`` turns the guard off); the rest pass as they are."""
+  out = dict(kwargs or {})
+  if isinstance(out.get("estimate"), dict):
+    out["estimate"] = kstep.Estimate(**out["estimate"])
+  if isinstance(out.get("guard"), dict):
+    out["guard"] = kstep.Guard(**out["guard"])
+  if isinstance(out.get("target"), list):
+    out["target"] = tuple(out["target"])
+  return out
+
+
 def kstep_config(name: str, loss: str, band: Any, steps: int) -> dict[str, Any]:
   """What the kstep row ran with, recorded in the run JSON (``config.kstep``)."""
-  norm = "total"  # before output_norm existed, K was on the total trace
-  if controller_accepts("output_norm"):
-    from kstep import k_estimate
+  from kstep._src import k_estimate, options
 
-    norm = k_estimate.resolve_output_norm("auto", loss)
-  target = None if band is None else [float(b) for b in band]
-  if target is None:
-    from kstep import control
-
-    if hasattr(control, "default_target"):
-      target = list(control.default_target(loss, norm))
-    else:
-      defaults = getattr(control, "DEFAULT_TARGETS", None)
-      target = list(defaults[norm]) if defaults else list(
-          inspect.signature(kstep.k_controlled_sgd).parameters["target"].default)
+  norm = k_estimate.resolve_output_norm("auto", loss)
+  target = list(options.default_target(loss, norm)) if band is None else [float(b) for b in band]
   return {"output_norm": norm, "target": target, "target_is_default": band is None,
           "decay_steps": steps if name == "kstep_anneal" else None,
           "base_lr_schedule": "cosine" if name == "kstep_cosine" else "constant"}
@@ -124,19 +118,18 @@ def make(name: str, lr: Any, *, steps: int, apply_fn: Callable, loss: str, batch
     opt = optax.sgd(schedule(name, lr, steps), momentum=MOMENTUM)
   elif name in KSTEP:
     base = schedule(name, lr, steps) if name == "kstep_cosine" else lr
+    extra = dict(kstep_kwargs or {})
+    estimate = dict(extra.pop("estimate", None) or {}, seed=seed)
     kwargs = dict(batch_size=batch_size, apply_fn=apply_fn, loss=loss, momentum=MOMENTUM,
-                  seed=seed)
+                  estimate=estimate)
     if band is not None:
       kwargs["target"] = tuple(band)
     if name == "kstep_anneal":
-      if not controller_accepts("decay_steps"):
-        raise ValueError("kstep_anneal needs k_controlled_sgd(..., decay_steps=...), which this "
-                         "kstep does not have yet")
       kwargs["decay_steps"] = steps
     if name == "kstep_warmup":
-      kwargs["band_decay"] = optax.warmup_cosine_decay_schedule(0.0, 1.0, max(steps // 20, 1),
-                                                                steps)
-    opt = kstep.k_controlled_sgd(base, **kwargs, **(kstep_kwargs or {}))
+      kwargs["decay_steps"] = optax.warmup_cosine_decay_schedule(0.0, 1.0, max(steps // 20, 1),
+                                                                 steps)
+    opt = kstep.k_controlled_sgd(base, **kstep_options({**kwargs, **extra}))
   elif name == "schedule_free":
     opt = optax.contrib.schedule_free_sgd(lr, warmup_steps=max(steps // 20, 1), b1=MOMENTUM)
   elif name == "prodigy":

@@ -34,41 +34,41 @@ import optax  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 import kstep  # noqa: E402
-from benchmarks import results_io, tasks, train  # noqa: E402
+from benchmarks import optimizers, results_io, tasks, train  # noqa: E402
 from benchmarks.tasks import KSTEP_LOSS  # noqa: E402
 
 LR = 0.01
 MOMENTUM = 0.9
 # Variants at every=10, each one change from the defaults, to measure what each part costs.
+# In the JSON form of `run --kstep-kwargs` (optimizers.kstep_options builds the objects).
 VARIANTS = {
-    "noguard": dict(max_sharpness_ratio=None),
-    "iters2": dict(sharpness_iters=2),
-    "refresh1": dict(refresh_every=1),
+    "noguard": dict(guard=None),
+    "iters2": dict(guard=dict(power_iters=2)),
+    "refresh1": dict(guard=dict(refresh_every=1)),
     # Nearly never estimating: what the controller costs per step besides its estimates.
-    "rare": dict(every=1000),
-    "rare_noguard": dict(every=1000, max_sharpness_ratio=None),
-    "probe16": dict(probe_batch_size=16),
-    "probe8": dict(probe_batch_size=8),
-    "probe32": dict(probe_batch_size=32),
-    "refresh4": dict(refresh_every=4),
-    "wholebatch": dict(probe_batch_size=None),
+    "rare": dict(estimate=dict(every=1000)),
+    "rare_noguard": dict(estimate=dict(every=1000), guard=None),
+    "probe8": dict(estimate=dict(probe_batch_size=8)),
+    "probe32": dict(estimate=dict(probe_batch_size=32)),
+    "refresh4": dict(guard=dict(refresh_every=4)),
+    "wholebatch": dict(estimate=dict(probe_batch_size=None)),
     "nofloor": dict(trace_floor=None),
-    "bare": dict(trace_floor=None, max_sharpness_ratio=None),
-    "bare16": dict(trace_floor=None, max_sharpness_ratio=None, probe_batch_size=16),
-    "noguard16": dict(max_sharpness_ratio=None, probe_batch_size=16),
+    "bare": dict(trace_floor=None, guard=None),
     # Light estimates alone at every step: the trace probe's forward and VJP on 16 and 4 rows.
-    "bare1": dict(every=1, trace_floor=None, max_sharpness_ratio=None),
-    "bare1_probe4": dict(every=1, trace_floor=None, max_sharpness_ratio=None, probe_batch_size=4),
+    "bare1": dict(estimate=dict(every=1), trace_floor=None, guard=None),
+    "bare1_probe4": dict(estimate=dict(every=1, probe_batch_size=4), trace_floor=None,
+                         guard=None),
     # The fused path (kstep.value_and_grad feeding update's probe=), at every=10 and every=1.
     "fused": dict(),
-    "fused1": dict(every=1),
+    "fused1": dict(estimate=dict(every=1)),
 }
 FUSED = ("fused", "fused1")
 
 
 def _variant_name(variant: str) -> str:
   """The configuration's name: its own ``every`` (10 unless the variant sets it) and the variant."""
-  return f"kstep_every{VARIANTS[variant].get('every', 10)}_{variant}"
+  every = VARIANTS[variant].get("estimate", {}).get("every", kstep.Estimate().every)
+  return f"kstep_every{every}_{variant}"
 
 
 def _builders(problem: tasks.Problem, everies, variants):
@@ -79,25 +79,26 @@ def _builders(problem: tasks.Problem, everies, variants):
     return jnp.mean(problem.per_example_loss(problem.apply(params, batch["x"]), batch["y"]))
 
   def kopt(**kw):
-    kw = dict(dict(every=10), **kw)
+    kw = optimizers.kstep_options(kw)
     return kstep.k_controlled_sgd(LR, apply_fn=apply_fn, loss=kloss, momentum=MOMENTUM, **kw)
 
   opts = {"sgd": optax.with_extra_args_support(optax.sgd(LR, momentum=MOMENTUM))}
   for e in everies:
-    opts[f"kstep_every{e}"] = kopt(every=e)
+    opts[f"kstep_every{e}"] = kopt(estimate=dict(every=e))
   for v in variants:
     opts[_variant_name(v)] = kopt(**VARIANTS[v])
-  fused = {_variant_name(v) for v in variants if v in FUSED}
   per_example = lambda out, batch: problem.per_example_loss(out, batch["y"])
-  fused_grad = kstep.value_and_grad(per_example, apply_fn, loss=kloss)
+  fused = {_variant_name(v): kstep.value_and_grad(per_example, apply_fn, loss=kloss,
+                                                  **optimizers.kstep_options(VARIANTS[v]))
+           for v in variants if v in FUSED}
 
-  def train_chunk(opt, is_fused):
+  def train_chunk(opt, fused_grad):
     @jax.jit
     def run(params, state, idx, x, y):
       def body(carry, i):
         params, state = carry
         batch = {"x": x[i], "y": y[i]}
-        if is_fused:
+        if fused_grad is not None:
           (loss, probe), grads = fused_grad(params, batch, state=state)
           updates, state = opt.update(grads, state, params, batch=batch, probe=probe)
         else:
@@ -107,7 +108,7 @@ def _builders(problem: tasks.Problem, everies, variants):
       return jax.lax.scan(body, (params, state), idx)
     return run
 
-  return {name: (train_chunk(opt, name in fused), opt) for name, opt in opts.items()}
+  return {name: (train_chunk(opt, fused.get(name)), opt) for name, opt in opts.items()}
 
 
 def main(args: argparse.Namespace) -> None:
@@ -240,10 +241,8 @@ def measure(problem: tasks.Problem, args: argparse.Namespace, path) -> dict:
   payload = {
       "task": problem.task, "scale": problem.scale, "loss": problem.loss,
       "batch_size": problem.batch_size, "chunk_steps": args.chunk, "rounds": args.rounds,
-      "defaults": "k_controlled_sgd at its defaults (guard on, probe_batch_size="
-                  f"{kstep.control_defaults.DEFAULT_PROBE_BATCH_SIZE}, sharpness_iters=1, "
-                  f"refresh_every={kstep.control_defaults.DEFAULT_REFRESH_EVERY}); variants "
-                  "change one argument at every=10",
+      "defaults": f"k_controlled_sgd at its defaults ({kstep.Estimate()}, {kstep.Guard()}); "
+                  "variants change one option at every=10",
       "variants": {_variant_name(v): VARIANTS[v] for v in args.variants},
       "note": "ratios are t(config)/t(optax.sgd) within one interleaved round; one estimate's "
               "cost in steps is ratio(every=1) - 1",

@@ -85,7 +85,7 @@ def train(args, x, y, data: jax.sharding.Sharding, replicated: jax.sharding.Shar
 
   opt = kstep.k_controlled_sgd(
       args.learning_rate, batch_size=args.batch_size, apply_fn=apply_fn, loss="mse",
-      target=(0.4, 0.8), momentum=0.9, every=10,
+      target=(0.4, 0.8), momentum=0.9,
   )
 
   @jax.jit

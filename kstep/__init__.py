@@ -1,7 +1,10 @@
-"""kstep: SGD that keeps its noise kernel norm K away from the stochastic edge of stability."""
+"""kstep: SGD that keeps its noise kernel norm K away from the stochastic edge of stability.
 
-from kstep.control import ScaleByKControlState, k_controlled_sgd, scale_by_k_control
-from kstep.diagnostics import (
+The public API is what this module exports; everything under ``kstep._src`` is private.
+"""
+
+from kstep._src.control import ScaleByKControlState, k_controlled_sgd, scale_by_k_control
+from kstep._src.diagnostics import (
     TrackBatchSharpnessState,
     TrackKState,
     TrackLambdaMaxState,
@@ -9,7 +12,7 @@ from kstep.diagnostics import (
     track_k,
     track_lambda_max,
 )
-from kstep.estimators import (
+from kstep._src.estimators import (
     BatchSharpness,
     LambdaMax,
     OutputKernel,
@@ -24,14 +27,15 @@ from kstep.estimators import (
     ntk_trace,
     output_kernel,
 )
-from kstep.fused import FusedProbe, value_and_grad
-from kstep.hyperparams import inject_hyperparams
-from kstep.noise_kernel import (
+from kstep._src.fused import FusedProbe, value_and_grad
+from kstep._src.hyperparams import inject_hyperparams
+from kstep._src.noise_kernel import (
     k_exact,
     k_from_trace,
     k_high_dim,
     second_moment_growth,
 )
-from kstep.stats import stats
+from kstep._src.options import Estimate, Guard, curvature_edge
+from kstep._src.stats import stats
 
 __version__ = "0.1.0"

@@ -153,7 +153,8 @@ def test_gauss_newton_lambda_max_and_batch_sharpness():
 
 def make(name):
   if name == "k_controlled_sgd":
-    return kstep.k_controlled_sgd(LR, apply_fn=apply_fn, momentum=MOMENTUM, every=1)
+    return kstep.k_controlled_sgd(LR, apply_fn=apply_fn, momentum=MOMENTUM,
+                                  estimate=kstep.Estimate(every=1))
   tracker = {
       "track_lambda_max": lambda: kstep.track_lambda_max(
           loss_fn, every=1, num_iters=20, tol=1e-6, learning_rate=LR, momentum=MOMENTUM),

@@ -184,7 +184,8 @@ def test_per_shard_probes_are_unbiased_with_lower_variance(params, batch, loss):
 
 def test_per_shard_needs_axis_name():
   with pytest.raises(ValueError, match="per_shard.*axis_name"):
-    kstep.k_controlled_sgd(0.1, batch_size=B, apply_fn=apply_mlp, probe_scope="per_shard")
+    kstep.k_controlled_sgd(0.1, batch_size=B, apply_fn=apply_mlp,
+                           estimate=kstep.Estimate(probe_scope="per_shard"))
   with pytest.raises(ValueError, match="probe_scope"):
     kstep.track_k(apply_mlp, batch_size=B, learning_rate=0.1, probe_scope="shard")
 
@@ -241,7 +242,8 @@ def test_batch_sharpness_sharded_equals_single_device(params, reduction):
 def make_opt(axis_name=None, lr=0.5):
   """The controller with the three diagnostics after it, each with its own name for K."""
   return optax.chain(
-      kstep.k_controlled_sgd(lr, batch_size=B, apply_fn=apply_mlp, every=2, axis_name=axis_name),
+      kstep.k_controlled_sgd(lr, batch_size=B, apply_fn=apply_mlp, estimate=kstep.Estimate(every=2),
+                             axis_name=axis_name),
       kstep.track_lambda_max(mse_loss, every=3, num_iters=10, axis_name=axis_name),
       kstep.track_batch_sharpness(mse_loss, every=2, learning_rate=lr, axis_name=axis_name),
   )
@@ -333,7 +335,8 @@ def test_controller_steps_sharded_equal_single_device(params):
   sharded batch with FSDP params give the one-device params and stats (K, the trace, the
   guard's λ_max and sharpness ratio), compiled once. The probe sub-batch (every 4th example:
   one row per device) is the one-device sub-batch."""
-  opt = kstep.k_controlled_sgd(0.5, batch_size=B, apply_fn=apply_mlp, every=2, probe_batch_size=8)
+  opt = kstep.k_controlled_sgd(0.5, batch_size=B, apply_fn=apply_mlp,
+                               estimate=kstep.Estimate(every=2, probe_batch_size=8))
   ref = run(jit_step(opt), params, opt.init(params), batches(4))
   step, p0 = jit_step(opt), fsdp(params)
   state = place_state(step, p0, opt.init(p0), jax.device_put(make_batch(), DATA))

@@ -17,10 +17,6 @@ pytest.importorskip("matplotlib")
 from benchmarks import __main__ as cli  # noqa: E402
 from benchmarks import optimizers, report, results_io, sweep  # noqa: E402
 
-needs_decay_steps = pytest.mark.skipif(
-    not optimizers.controller_accepts("decay_steps"),
-    reason="k_controlled_sgd has no decay_steps yet (kstep_anneal needs it)")
-
 RUN = ["run", "digits_mlp", "--seeds", "0", "--steps", "30", "--losses", "mse"]
 PARITY_RE = re.compile(r"parity: kstep's worst base LR is (\d+\.\d) points? (above|below) the "
                        r"best tuned cosine")
@@ -42,7 +38,6 @@ def _gap_from_jsons(root: pathlib.Path, batch_size: int) -> float:
 
 
 @pytest.mark.slow
-@needs_decay_steps
 def test_digits_sweep_reports_parity_by_batch_size(tmp_path, capsys):
   args = RUN + ["--results-dir", str(tmp_path)]
   cli.main(args + ["--optimizers", "cosine,kstep_anneal", "--lrs", "0.01,1"])
@@ -103,16 +98,17 @@ def test_digits_sweep_reports_parity_by_batch_size(tmp_path, capsys):
 def test_kstep_kwargs_reach_the_controller_and_the_run_json(tmp_path, capsys):
   with pytest.raises(SystemExit, match="own --results-dir"):
     cli.main(RUN + ["--optimizers", "kstep", "--lrs", "1", "--kstep-kwargs",
-                    '{"max_sharpness_ratio": null}'])
+                    '{"guard": null}'])
   with pytest.raises(SystemExit):  # not a JSON object
     cli.main(RUN + ["--kstep-kwargs", "[1]", "--results-dir", str(tmp_path)])
   capsys.readouterr()
   # every=1000: one estimate (at step 0) in 30 steps; the guard off: no λ in the trajectory.
   cli.main(RUN + ["--optimizers", "kstep", "--lrs", "1", "--no-report", "--results-dir",
-                  str(tmp_path), "--kstep-kwargs", '{"every": 1000, "max_sharpness_ratio": null}'])
+                  str(tmp_path), "--kstep-kwargs",
+                  '{"estimate": {"every": 1000}, "guard": null}'])
   run = json.loads(next((tmp_path / "digits_mlp" / "runs" / "cpu" / "mse" / "kstep").glob(
       "*.json")).read_text())
-  assert run["config"]["kstep"]["kwargs"] == {"every": 1000, "max_sharpness_ratio": None}
+  assert run["config"]["kstep"]["kwargs"] == {"estimate": {"every": 1000}, "guard": None}
   assert run["summary"]["steps_done"] == 30
   k = np.asarray(run["trajectory"]["k"], float)
   assert np.isfinite(k).any()

@@ -1,7 +1,7 @@
 """The controller's physics: K per output, the curvature edge, the annealed band, B from the batch.
 
 References: float64 NumPy simulations of SGD on a linear C-output model with example-wise
-batches (the design doc's "Several outputs per example"), the closed-form curvature edges of heavy
+batches (docs/design.md, "Several outputs per example"), the closed-form curvature edges of heavy
 ball and Nesterov momentum checked by simulating optax's own ``sgd`` on a quadratic, and closed-form
 kernels of linear models.
 """
@@ -14,7 +14,7 @@ import pytest
 from sklearn.datasets import load_digits
 
 import kstep
-from kstep import control
+from kstep._src import k_estimate
 
 # ------------------------------------------------------------------------------------------------
 # Linear C-output model: f_c(x_i) = s_c ⟨θ_c, x_i⟩, so the NTK is Θ_x ⊗ diag(s²) and M = mean‖x‖²
@@ -102,7 +102,7 @@ def quadratic_diverges(eta, lam, momentum, nesterov):
 @pytest.mark.parametrize("momentum", [0.0, 0.5, 0.9])
 @pytest.mark.parametrize("nesterov", [False, True])
 def test_curvature_edge_matches_optax_sgd(momentum, nesterov):
-  edge = float(control.curvature_edge(momentum, nesterov))
+  edge = float(kstep.curvature_edge(momentum, nesterov))
   expected = 2 * (1 + momentum) / (1 + 2 * momentum) if nesterov else 2 * (1 + momentum)
   assert edge == pytest.approx(expected, rel=1e-6)
   lam = 3.0
@@ -163,9 +163,9 @@ def _train(opt, steps, batch_size=1024, seed=0):
 
 @pytest.mark.slow
 def test_guard_keeps_large_batch_training_finite_and_off_it_diverges():
-  make = lambda ratio: kstep.k_controlled_sgd(
-      3.0, apply_fn=_mlp, target=(0.3, 0.6), max_sharpness_ratio=ratio)
-  guarded = _train(make(0.5), 40)
+  make = lambda guard: kstep.k_controlled_sgd(
+      3.0, apply_fn=_mlp, target=(0.3, 0.6), guard=guard)
+  guarded = _train(make(kstep.Guard(ratio=0.5)), 40)
   assert all(np.isfinite(h["loss"]) for h in guarded)
   assert guarded[-1]["loss"] < 0.5 * guarded[0]["loss"]
   ratios = np.array([h["sharpness_ratio"] for h in guarded])
@@ -214,7 +214,8 @@ def _run(opt, batches, params=None):
   return out
 
 
-EXACT = dict(apply_fn=_linear, estimator="exact", max_sharpness_ratio=None, momentum=0.0)
+EXACT = dict(apply_fn=_linear, estimate=kstep.Estimate(estimator="exact"), guard=None,
+             momentum=0.0)
 
 
 @pytest.mark.parametrize("norm", ["per_output", "max_output", "total"])
@@ -222,8 +223,9 @@ def test_output_norms_closed_form(norm):
   batch = _batch(0, out_scales=[2.0, 1.0, 0.5])
   per = _trace(batch)
   expected_scale = {"per_output": per.sum() / C, "max_output": per.max(), "total": per.sum()}[norm]
-  (s,) = _run(kstep.scale_by_k_control(100.0, output_norm=norm, target=(0.4, 0.8), **EXACT),
-              [batch])
+  opt = kstep.scale_by_k_control(100.0, target=(0.4, 0.8), **{
+      **EXACT, "estimate": kstep.Estimate(estimator="exact", output_norm=norm)})
+  (s,) = _run(opt, [batch])
   np.testing.assert_allclose(s["k_scale"], expected_scale, rtol=1e-5)
   np.testing.assert_allclose(s["k_trace"], per.sum(), rtol=1e-5)  # always the total T
   assert s["k_num_outputs"] == C
@@ -232,11 +234,12 @@ def test_output_norms_closed_form(norm):
 
 
 def test_auto_norm_per_loss():
-  assert kstep.k_estimate.resolve_output_norm("auto", "mse") == "per_output"
-  assert kstep.k_estimate.resolve_output_norm("auto", lambda o, b: o.sum(-1)) == "per_output"
-  assert kstep.k_estimate.resolve_output_norm("auto", "softmax_cross_entropy") == "total"
-  with pytest.raises(ValueError, match="output_norm"):
-    kstep.k_controlled_sgd(0.1, apply_fn=_linear, output_norm="mean")
+  assert kstep.Estimate().output_norm == "auto"
+  assert k_estimate.resolve_output_norm("auto", "mse") == "per_output"
+  assert k_estimate.resolve_output_norm("auto", lambda o, b: o.sum(-1)) == "per_output"
+  assert k_estimate.resolve_output_norm("auto", "softmax_cross_entropy") == "total"
+  with pytest.raises(ValueError, match="`Estimate.output_norm`"):
+    kstep.Estimate(output_norm="mean")
 
 
 def test_decay_steps_anneals_both_band_ends():
@@ -254,14 +257,13 @@ def test_decay_steps_anneals_both_band_ends():
                              rtol=1e-5, atol=1e-12)
   # Any schedule of the step count as the multiplier.
   sched = optax.linear_schedule(1.0, 0.5, steps)
-  hist = _run(kstep.scale_by_k_control(100.0, band_decay=sched, target=(0.4, 0.8), **EXACT),
+  hist = _run(kstep.scale_by_k_control(100.0, decay_steps=sched, target=(0.4, 0.8), **EXACT),
               [batch] * 4)
   np.testing.assert_allclose([h["k_learning_rate"] for h in hist],
                              [0.8 * float(sched(t)) * eta1 for t in range(4)], rtol=1e-5)
-  with pytest.raises(ValueError, match="not both"):
-    kstep.k_controlled_sgd(0.1, apply_fn=_linear, decay_steps=10, band_decay=sched)
-  with pytest.raises(ValueError, match="decay_steps"):
-    kstep.k_controlled_sgd(0.1, apply_fn=_linear, decay_steps=0)
+  for bad in (0, 0.5, "cosine"):
+    with pytest.raises(ValueError, match="`decay_steps`"):
+      kstep.k_controlled_sgd(0.1, apply_fn=_linear, decay_steps=bad)
 
 
 def test_batch_size_from_the_batch_and_mismatch_names_both():
@@ -280,8 +282,9 @@ def test_batch_size_from_the_batch_and_mismatch_names_both():
 def test_guard_skips_bad_lambda_and_reports_nan_before_any():
   good, bad = _batch(4), _batch(5)
   bad["x"] = bad["x"].at[0, 0].set(jnp.nan)
-  opt = kstep.scale_by_k_control(100.0, apply_fn=_linear, estimator="exact", every=1,
-                                 max_sharpness_ratio=0.5, target=(0.4, 0.8))
+  opt = kstep.scale_by_k_control(100.0, apply_fn=_linear, target=(0.4, 0.8),
+                                 estimate=kstep.Estimate(estimator="exact", every=1),
+                                 guard=kstep.Guard(ratio=0.5))
   first_bad = _run(opt, [bad])
   assert np.isnan(first_bad[0]["gn_lambda_max"]) and np.isnan(first_bad[0]["sharpness_ratio"])
   assert first_bad[0]["sharpness_num_skipped"] == 1 and first_bad[0]["k_num_skipped"] == 1
@@ -302,16 +305,17 @@ def test_guard_skips_bad_lambda_and_reports_nan_before_any():
 
 
 @pytest.mark.parametrize("value", [0.0, 1.5, -0.1, "high"])
-def test_max_sharpness_ratio_range(value):
-  with pytest.raises(ValueError, match=r"max_sharpness_ratio.*\(0.0, 1.0\]"):
-    kstep.k_controlled_sgd(0.1, apply_fn=_linear, max_sharpness_ratio=value)
+def test_guard_ratio_range(value):
+  with pytest.raises(ValueError, match=r"`Guard.ratio`.*\(0.0, 1.0\]"):
+    kstep.Guard(ratio=value)
 
 
 def test_guard_holds_lambda_against_a_lower_estimate():
   sharp, flat = _batch(6), _batch(7)
   sharp["x"] = 3.0 * sharp["x"]  # λ ×9
-  opt = kstep.scale_by_k_control(100.0, apply_fn=_linear, estimator="exact", every=1,
-                                 max_sharpness_ratio=0.5, target=(0.4, 0.8))
+  opt = kstep.scale_by_k_control(100.0, apply_fn=_linear, target=(0.4, 0.8),
+                                 estimate=kstep.Estimate(estimator="exact", every=1),
+                                 guard=kstep.Guard(ratio=0.5))
   hist = _run(opt, [sharp] + [flat] * 24)
   top = lambda b: np.linalg.eigvalsh(np.asarray(b["x"], np.float64).T @ np.asarray(b["x"]) / B)[-1]
   lam_sharp, lam_flat = top(sharp), top(flat)

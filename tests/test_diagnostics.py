@@ -1,4 +1,4 @@
-"""Tests of kstep.diagnostics: pass-through, values vs dense references, jit hygiene, EoSS."""
+"""Tests of kstep._src.diagnostics: pass-through, values vs dense references, jit hygiene, EoSS."""
 
 
 import jax
@@ -10,7 +10,7 @@ from conftest import load_example
 from jax.flatten_util import ravel_pytree
 
 import kstep
-from kstep import estimators, noise_kernel
+from kstep._src import estimators, noise_kernel
 
 SIZES = (4, 6, 3)  # P = 4·6 + 6 + 6·3 + 3 = 51
 

@@ -9,7 +9,9 @@ checks (``inspect.signature``, ``typing.get_type_hints``) then skip or misread k
 import doctest
 import importlib
 import inspect
+import pathlib
 import pkgutil
+import re
 import typing
 
 import optax
@@ -84,3 +86,74 @@ def test_learning_rate_annotations_are_optax_schedules():
     members = set(typing.get_args(annotation)) - {type(None)}
     assert annotation is optax.ScalarOrSchedule or members == set(
         typing.get_args(optax.ScalarOrSchedule)), (factory.__name__, annotation)
+
+
+def _args_entries(doc: str) -> dict[str, list[str]]:
+  """The ``Args:`` section of a Google-style docstring: argument -> its lines."""
+  lines = doc.split("\n")
+  start = lines.index("Args:") + 1
+  entries, current = {}, None
+  for line in lines[start:]:
+    if line and not line.startswith(" "):
+      break  # the next section
+    m = re.match(r"^  (\w+): ", line)
+    if m:
+      current = m.group(1)
+      entries[current] = [line]
+    elif current is not None and line.strip():
+      entries[current].append(line)
+  return entries
+
+
+def test_k_controlled_sgd_docstring_is_a_contract():
+  """The optimizer users call documents every argument (≤ 6 lines each), in optax's template,
+  with links to the papers, and keeps its signature short."""
+  params = inspect.signature(kstep.k_controlled_sgd).parameters
+  assert len(params) <= 14, list(params)
+  doc = inspect.getdoc(kstep.k_controlled_sgd)
+  for section in ("Args:", "Returns:", "Raises:", "Example:", "References:"):
+    assert f"\n{section}\n" in doc, section
+  entries = _args_entries(doc)
+  assert list(entries) == list(params)
+  assert all(len(v) <= 6 for v in entries.values()), {k: len(v) for k, v in entries.items()}
+  references = doc.split("\nReferences:\n")[1]
+  for arxiv in ("2404.19261", "2103.00065", "2412.20553"):
+    assert f"https://arxiv.org/abs/{arxiv}" in references, arxiv
+  # The lower-level transforms document their own arguments too (fewer words, same names).
+  for factory in (kstep.scale_by_k_control, kstep.value_and_grad, kstep.Estimate, kstep.Guard):
+    doc = inspect.getdoc(factory)
+    names = _args_entries(doc) if "\nArgs:\n" in doc else _attributes(doc)
+    assert set(names) == set(inspect.signature(factory).parameters), factory.__name__
+
+
+def _attributes(doc: str) -> dict[str, list[str]]:
+  return _args_entries(doc.replace("\nAttributes:\n", "\nArgs:\n"))
+
+
+# Words of a diary of the work: they belong in git history, not in the package or its docs.
+DIARY = re.compile(r"\bsession\b|\bissue \d+|\bbenchmarks README\b|\bdesign doc\b|until "
+                   r"[0-9a-f]{7}\b|\bprevious default\b", re.IGNORECASE)
+
+
+def test_no_diary_in_docstrings_and_docs():
+  root = pathlib.Path(kstep.__file__).parent.parent
+  texts = {str(p.relative_to(root)): p.read_text() for p in root.joinpath("kstep").rglob("*.py")}
+  for path in [root / "README.md", root / "CONTRIBUTING.md", root / "benchmarks" / "README.md",
+               *root.glob("docs/*.md")]:
+    texts[str(path.relative_to(root))] = path.read_text()
+  hits = {name: DIARY.findall(text) for name, text in texts.items() if DIARY.search(text)}
+  assert not hits, hits
+
+
+def test_doc_references_resolve():
+  """Every ``docs/<file>.md`` named in the package, the README and the docs exists."""
+  root = pathlib.Path(kstep.__file__).parent.parent
+  sources = [*root.joinpath("kstep").rglob("*.py"), root / "README.md", *root.glob("docs/*.md")]
+  named = set()
+  for path in sources:
+    named |= set(re.findall(r"docs/(\w+\.md)", path.read_text()))
+    if path.parent.name == "docs":  # relative links between the docs
+      named |= set(re.findall(r"\]\((\w+\.md)", path.read_text()))
+  assert named, "no reference found: the pattern is stale"
+  missing = sorted(n for n in named if not (root / "docs" / n).exists())
+  assert not missing, missing

@@ -680,8 +680,8 @@ def test_gauss_newton_vp_matches_explicit(loss):
 
 @pytest.mark.parametrize("loss", ["softmax_cross_entropy", mse_without_half])
 def test_gauss_newton_quadratic_from_one_jvp_matches_explicit(loss):
-  from kstep import losses
-  from kstep.estimators import linearization, products
+  from kstep._src import losses
+  from kstep._src.estimators import linearization, products
   params, batch = gn_setup()
   v = random_like(params, 7)
   flat = np.asarray(ravel_pytree(v)[0], np.float64)
@@ -790,7 +790,7 @@ def test_batch_sharpness_eager_bf16_single_batch_and_bad_reduction():
 COMPLEX_CALLS = {
     "hvp": lambda p, b, f, l: kstep.hvp(l, p, b, p),
     "gauss_newton_vp": lambda p, b, f, l: kstep.gauss_newton_vp(f, p, b, p),
-    "batch_curvature": lambda p, b, f, l: kstep.estimators.batch_curvature(l, p, b),
+    "batch_curvature": lambda p, b, f, l: kstep._src.estimators.batch_curvature(l, p, b),
     "lambda_max": lambda p, b, f, l: kstep.lambda_max(l, p, b, num_iters=2),
     "gauss_newton_lambda_max": lambda p, b, f, l: kstep.gauss_newton_lambda_max(
         f, p, b, num_iters=2),

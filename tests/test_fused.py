@@ -16,7 +16,7 @@ import optax
 import pytest
 
 import kstep
-from kstep import control_state
+from kstep._src import control_state
 
 D, H, C = 6, 16, 4
 rng = np.random.default_rng(0)
@@ -51,10 +51,13 @@ def test_fused_run_matches_unfused_run(loss_name):
   # (for CE the band (0.4, 0.8) and r = 0.5 keep the step below half the guard's cap, where
   # light estimates happen); the CE default has the trace floor (its NTK probe rides on full
   # estimates).
-  ce = {} if loss_name == "mse" else dict(target=(0.4, 0.8), max_sharpness_ratio=0.5)
-  opt = kstep.k_controlled_sgd(0.5, apply_fn=mlp, loss=loss_name, every=2, refresh_every=2,
-                               **ce)
-  grad_fn = kstep.value_and_grad(PER_EXAMPLE[loss_name], mlp, loss=loss_name)
+  ce = {} if loss_name == "mse" else dict(target=(0.4, 0.8))
+  guard = kstep.Guard(ratio=0.5 if loss_name != "mse" else "auto", refresh_every=2)
+  estimate = kstep.Estimate(every=2)
+  opt = kstep.k_controlled_sgd(0.5, apply_fn=mlp, loss=loss_name, estimate=estimate,
+                               guard=guard, **ce)
+  grad_fn = kstep.value_and_grad(PER_EXAMPLE[loss_name], mlp, loss=loss_name,
+                                 estimate=estimate, guard=guard)
 
   @jax.jit
   def fused_step(params, state, batch):
@@ -73,7 +76,7 @@ def test_fused_run_matches_unfused_run(loss_name):
   modes = set()
   for i in range(16):
     batch = make_batch(i)
-    modes.add(int(kstep.fused.controller_state(s1).next_estimate))
+    modes.add(int(kstep._src.fused.controller_state(s1).next_estimate))
     p1, s1, l1, g1 = fused_step(p1, s1, batch)
     p2, s2, l2, g2 = plain_step(p2, s2, batch)
     np.testing.assert_allclose(l1, l2, rtol=1e-5)
@@ -133,7 +136,8 @@ def test_tuple_batches_and_leaves_without_rows_are_split_right():
 
 
 def test_fused_step_runs_under_transfer_guard_without_recompiling():
-  opt = kstep.k_controlled_sgd(0.5, apply_fn=mlp, every=2, decay_steps=20)
+  opt = kstep.k_controlled_sgd(0.5, apply_fn=mlp, estimate=kstep.Estimate(every=2),
+                               decay_steps=20)
   grad_fn = kstep.value_and_grad(PER_EXAMPLE["mse"], mlp)
 
   @jax.jit
@@ -157,8 +161,8 @@ def test_mismatched_configuration_raises_naming_the_argument():
   opt = kstep.k_controlled_sgd(0.5, apply_fn=mlp)
   state = opt.init(PARAMS)
   batch = make_batch(0)
-  for kwargs, name in [(dict(probe_batch_size=32), "probe_batch_size"),
-                       (dict(sharpness_iters=2), "sharpness_iters"),
+  for kwargs, name in [(dict(estimate=kstep.Estimate(probe_batch_size=32)), "probe_batch_size"),
+                       (dict(guard=kstep.Guard(power_iters=2)), "power_iters"),
                        (dict(trace_floor=0.03), "trace_floor"),
                        (dict(loss="softmax_cross_entropy"), "loss")]:
     grad_fn = kstep.value_and_grad(PER_EXAMPLE["mse"], mlp, **kwargs)
@@ -166,7 +170,7 @@ def test_mismatched_configuration_raises_naming_the_argument():
     with pytest.raises(ValueError, match=name):
       opt.update(grads, state, PARAMS, batch=batch, probe=probe)
   with pytest.raises(ValueError, match="num_probes=1"):
-    other = kstep.k_controlled_sgd(0.5, apply_fn=mlp, num_probes=2)
+    other = kstep.k_controlled_sgd(0.5, apply_fn=mlp, estimate=kstep.Estimate(num_probes=2))
     (_, probe), grads = kstep.value_and_grad(PER_EXAMPLE["mse"], mlp)(
         PARAMS, batch, state=other.init(PARAMS))
     other.update(grads, other.init(PARAMS), PARAMS, batch=batch, probe=probe)
@@ -179,12 +183,15 @@ def test_bad_arguments_and_states_raise():
     kstep.value_and_grad(None, mlp)
   with pytest.raises(ValueError, match="named `loss`"):
     kstep.value_and_grad(PER_EXAMPLE["mse"], mlp, loss=PER_EXAMPLE["mse"])
-  with pytest.raises(ValueError, match="probe_batch_size"):
-    kstep.value_and_grad(PER_EXAMPLE["mse"], mlp, probe_batch_size=0)
+  with pytest.raises(ValueError, match="`estimate`"):
+    kstep.value_and_grad(PER_EXAMPLE["mse"], mlp, estimate=dict(probe_batch_size=16))
+  with pytest.raises(ValueError, match="`guard`"):
+    kstep.value_and_grad(PER_EXAMPLE["mse"], mlp, guard=0.5)
   # None means the whole batch, as in the controller: a whole-batch controller accepts it.
-  opt = kstep.k_controlled_sgd(0.5, apply_fn=mlp, probe_batch_size=None)
+  whole = kstep.Estimate(probe_batch_size=None)
+  opt = kstep.k_controlled_sgd(0.5, apply_fn=mlp, estimate=whole)
   state, batch = opt.init(PARAMS), make_batch(0)
-  (_, probe), grads = kstep.value_and_grad(PER_EXAMPLE["mse"], mlp, probe_batch_size=None)(
+  (_, probe), grads = kstep.value_and_grad(PER_EXAMPLE["mse"], mlp, estimate=whole)(
       PARAMS, batch, state=state)
   opt.update(grads, state, PARAMS, batch=batch, probe=probe)
   grad_fn = kstep.value_and_grad(PER_EXAMPLE["mse"], mlp)

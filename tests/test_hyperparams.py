@@ -13,7 +13,7 @@ import optax
 import pytest
 
 import kstep
-from kstep.hyperparams import static_arg_names
+from kstep._src.hyperparams import static_arg_names
 
 B, D, C = 8, 5, 3
 LR = 0.05
@@ -43,7 +43,8 @@ def init_params():
 # name: (factory, keyword arguments). The trackers run after optax.sgd(LR).
 FACTORIES = {
     "k_controlled_sgd": (kstep.k_controlled_sgd, dict(
-        learning_rate=LR, apply_fn=linear_apply, batch_size=B, every=2, num_probes=2, seed=3)),
+        learning_rate=LR, apply_fn=linear_apply, batch_size=B,
+        estimate=kstep.Estimate(every=2, num_probes=2, seed=3))),
     "track_k": (kstep.track_k, dict(
         apply_fn=linear_apply, learning_rate=LR, batch_size=B, every=2, num_probes=2, seed=3)),
     "track_lambda_max": (kstep.track_lambda_max, dict(
@@ -114,10 +115,10 @@ def test_static_args_are_derived_from_the_signatures():
     params = inspect.signature(factory).parameters
     for arg in ("apply_fn", "loss_fn", "loss", "num_probes", "num_iters", "batch_size", "seed",
                 "every", "axis_name", "estimator", "output_norm", "probe_scope", "method",
-                "band_decay", "sharpness_iters", "decay_steps"):
+                "estimate", "guard", "decay_steps"):
       assert (arg in static) == (arg in params), (name, arg)
     for arg in ("learning_rate", "momentum", "weight_decay", "decay", "tol", "smoothing",
-                "max_change", "max_scale", "max_sharpness_ratio", "trace_floor"):
+                "max_change", "max_scale", "trace_floor"):
       assert arg not in static, (name, arg)
   # A Python zero momentum drops the controller's momentum part: static, so the trees match.
   args = lambda m: dict(inspect.signature(kstep.k_controlled_sgd).bind(

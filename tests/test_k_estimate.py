@@ -1,4 +1,4 @@
-"""Tests of kstep.k_estimate: the sub-batch, the shared-VJP trace pair, the power steps."""
+"""Tests of kstep._src.k_estimate: the sub-batch, the shared-VJP trace pair, the power steps."""
 
 import jax
 import jax.flatten_util
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import kstep
-from kstep import k_estimate, losses
-from kstep.estimators import linearization, traces
+from kstep._src import k_estimate, losses
+from kstep._src.estimators import linearization, traces
 
 C, D, B = 4, 6, 16
 

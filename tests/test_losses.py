@@ -1,4 +1,4 @@
-"""Tests of kstep.losses: output Hessians, probe samplers and callable losses.
+"""Tests of kstep._src.losses: output Hessians, probe samplers and callable losses.
 
 References: ``jax.hessian`` of the per-example losses as optax writes them (so the conventions,
 e.g. the ½ in MSE, are those of the loss actually used), closed forms in NumPy, and the empirical
@@ -13,7 +13,7 @@ import numpy as np
 import optax
 import pytest
 
-from kstep import losses
+from kstep._src import losses
 
 B, C = 4, 3
 NAMED = list(losses.LOSS_NAMES)

@@ -1,12 +1,12 @@
-"""Tests of kstep.noise_kernel against independent float64 numpy references.
+"""Tests of kstep._src.noise_kernel against independent float64 numpy references.
 
-Conventions are those of shared/design/noise-kernel-norm.md and the K paper (Agarwala & Pennington
+Conventions are those of docs/design.md and the K paper (Agarwala & Pennington
 2024): D = N examples, Θ̂ = J Jᵀ / N = V Λ Vᵀ, β = B/N, β̃ = (B − 1)/(N − 1), r = β̃/β, and SGD on
 the linear model is eq. 4–5: θ ← θ − (η/B) J_Bᵀ z_B, i.e. z ← z − (η/B) J J_Bᵀ z_B. Every
 reference below is written from the paper's formulas in plain numpy; none calls kstep's helpers.
 
 Exact facts used as checks (beyond the paper's high-dimensional orderings, which need not hold at
-N = 100; see the design doc's note and test_orderings_*):
+N = 100; see docs/design.md, "The noise kernel norm", and test_orderings_*):
 * K_tr ≤ K_HD term by term (λ/(2 − ηλ) ≥ λ/2).
 * Theorem 2.1: with ‖A‖ < 1, K < 1 ⟺ λ_max(A + B) < 1.
 * λ_max(A + B) ≤ ρ(T): in the Λ^{1/2}-conjugated form of eq. 30 the operator is symmetric, and
@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 import kstep
-from kstep import noise_kernel
+from kstep._src import noise_kernel
 
 RTOL = 1e-4  # kstep computes in float32
 
@@ -81,7 +81,7 @@ def _ntk(name, n=100, seed=1):
 
 
 def _fig1_jacobian():
-  # The draw the design doc quotes (K ≈ 0.87 at η = 0.07, ≈ 1.01 at η = 0.08, K_HD 1.054).
+  # The draw docs/design.md quotes (K ≈ 0.87 at η = 0.07, ≈ 1.01 at η = 0.08, K_HD 1.054).
   return np.random.default_rng(0).standard_normal((100, 120))
 
 
@@ -194,7 +194,7 @@ def _g(ntk, eta, b):
 )
 def test_k_from_trace(eta, b, trace, momentum):
   got = float(kstep.k_from_trace(eta, b, trace, momentum))
-  # The ½ of eq. 11 (eq. 52's η/B · tr is the typo the design doc names).
+  # The ½ of eq. 11 (eq. 52's η/B · tr is the typo docs/design.md names).
   np.testing.assert_allclose(got, _ref_k_tr(eta, b, trace, momentum), rtol=RTOL)
   if momentum == 0.0:
     np.testing.assert_allclose(float(kstep.k_from_trace(eta, b, trace)), got, rtol=1e-7)
@@ -288,7 +288,7 @@ def test_exact_relations(name):
 
 def test_orderings_flat():
   """Paper (§2.3): K_tr ≤ K_HD ≤ K in high dimension. At N = 100 the β̃ terms reverse the second
-  inequality in the flat setting (design doc: K_HD 1.054 vs K 1.010 at η = 0.08), only slightly
+  inequality in the flat setting (docs/design.md: K_HD 1.054 vs K 1.010 at η = 0.08), only slightly
   while ηλ_max is small; and at small η, K ≈ (1 − β̃) K_tr < K_tr."""
   j = _fig1_jacobian()
   ntk = j @ j.T / 100
@@ -397,7 +397,7 @@ def test_second_moment_growth_accuracy_near_the_edge():
 
 STABLE_ETAS = [0.02, 0.04, 0.06, 0.065]  # K ≤ 0.9
 UNSTABLE_ETAS = [0.09, 0.1, 0.12, 0.15, 0.2]  # K ≥ 1.1, η λ_max ≤ 0.9
-EDGE_ETAS = [0.07, 0.077, 0.078, 0.08]  # the design doc's 0.07 / 0.08, and where ρ(T) crosses 1
+EDGE_ETAS = [0.07, 0.077, 0.078, 0.08]  # docs/design.md's 0.07 / 0.08, and where ρ(T) crosses 1
 
 
 def _simulate_sgd(j, etas, b, steps, seeds, momentum=0.0):

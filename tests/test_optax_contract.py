@@ -91,7 +91,8 @@ def spec(name: str, problem: Problem, learning_rate: Any = LR) -> tuple[Callable
   """The kstep factory under test and its keyword arguments."""
   if name == "k_controlled_sgd":
     return kstep.k_controlled_sgd, dict(
-        learning_rate=learning_rate, apply_fn=problem.apply_fn, momentum=MOMENTUM, every=EVERY)
+        learning_rate=learning_rate, apply_fn=problem.apply_fn, momentum=MOMENTUM,
+        estimate=kstep.Estimate(every=EVERY))
   if name == "track_lambda_max":
     return kstep.track_lambda_max, dict(loss_fn=problem.loss_fn, every=EVERY, num_iters=10,
                                         learning_rate=learning_rate, momentum=MOMENTUM)
@@ -297,7 +298,7 @@ def test_inject_hyperparams_equals_plain(name):
   """optax's own wrapper, given the static arguments kstep lists (``kstep.inject_hyperparams``
   does the same in one call: tests/test_hyperparams.py)."""
   wrap = lambda f: optax.inject_hyperparams(
-      f, static_args=tuple(kstep.hyperparams.static_arg_names(f)))
+      f, static_args=tuple(kstep._src.hyperparams.static_arg_names(f)))
   injected = make(name, wrap=wrap)
   params, batch = PARABOLA.params(), PARABOLA.batch()
   grads = jax.grad(PARABOLA.loss_fn)(params, batch)

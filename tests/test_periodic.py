@@ -1,4 +1,4 @@
-"""kstep.periodic: the predicate of the periodic estimates, and where XLA schedules their cond."""
+"""kstep._src.periodic: the periodic estimates' predicate, and where XLA schedules their cond."""
 
 import re
 
@@ -9,7 +9,7 @@ import optax
 import pytest
 
 import kstep
-from kstep import periodic
+from kstep._src import periodic
 
 
 @pytest.mark.parametrize("every", [1, 3, 10])
@@ -46,7 +46,7 @@ def _mlp():
 
 OPTIMIZERS = {
     "k_controlled_sgd": lambda apply_fn, loss: kstep.k_controlled_sgd(
-        0.1, apply_fn=apply_fn, every=10),
+        0.1, apply_fn=apply_fn, estimate=kstep.Estimate(every=10)),
     "track_k": lambda apply_fn, loss: optax.chain(
         kstep.track_k(apply_fn, learning_rate=0.1, every=10), optax.sgd(0.1)),
     "track_lambda_max": lambda apply_fn, loss: optax.chain(

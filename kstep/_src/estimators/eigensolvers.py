@@ -1,7 +1,7 @@
 """The top eigenpair of a curvature operator: λ_max of the Hessian or of the Gauss–Newton matrix.
 
 Lanczos with full reorthogonalisation (default) or power iteration shifted away from a negative
-dominant eigenvalue, on matrix-free products (:mod:`kstep.estimators.products`), warm-startable
+dominant eigenvalue, on matrix-free products (:mod:`kstep._src.estimators.products`), warm-startable
 from the previous eigenvector, stopping on the residual ``‖Hv − λv‖``.
 """
 
@@ -10,10 +10,10 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from kstep import arguments, losses
-from kstep.estimators import products
-from kstep.estimators import tree_math as tm
-from kstep.estimators.data_axis import AxisName
+from kstep._src import arguments, losses
+from kstep._src.estimators import products
+from kstep._src.estimators import tree_math as tm
+from kstep._src.estimators.data_axis import AxisName
 
 Array = jax.Array
 PyTree = Any

@@ -10,10 +10,10 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from kstep import arguments, losses
-from kstep.estimators import data_axis, linearization
-from kstep.estimators import tree_math as tm
-from kstep.estimators.data_axis import AxisName
+from kstep._src import arguments, losses
+from kstep._src.estimators import data_axis, linearization
+from kstep._src.estimators import tree_math as tm
+from kstep._src.estimators.data_axis import AxisName
 
 Array = jax.Array
 PyTree = Any

@@ -10,6 +10,10 @@ convention (``optax.sgd(η, momentum=μ)``). K < 1 is the stochastic edge of sta
 * :func:`k_exact`: Theorem 2.1, ``K = λ_max[(I − A)^{-1} B]`` with the β̃ terms of eq. 32.
 * :func:`second_moment_growth`: the spectral radius of the full second-moment operator (eq. 26/30);
   above 1 the expected loss of SGD on the linearised model grows without bound.
+
+Equation numbers are the K paper's: Agarwala & Pennington, `High dimensional analysis reveals
+conservative sharpening and a stochastic edge of stability <https://arxiv.org/abs/2404.19261>`_,
+2024. ``docs/design.md`` derives them in kstep's notation.
 """
 
 from typing import Any

@@ -7,7 +7,7 @@ guard's Gauss–Newton products (a JVP and a VJP each). :func:`linearize` runs t
 only its own linear pass.
 
 Inside ``shard_map``/``pmap`` (``axis_name``) the params are marked as varying over the axis
-first (see :func:`kstep.estimators.data_axis.local`), so ``vjp`` returns this device's
+first (see :func:`kstep._src.estimators.data_axis.local`), so ``vjp`` returns this device's
 contribution; the callers reduce it.
 """
 
@@ -16,8 +16,8 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from kstep.estimators import data_axis
-from kstep.estimators.data_axis import AxisName
+from kstep._src.estimators import data_axis
+from kstep._src.estimators.data_axis import AxisName
 
 Array = jax.Array
 PyTree = Any
@@ -73,10 +73,8 @@ def linearize(apply_fn: Callable[[PyTree, Any], Array], params: PyTree, batch: A
 def vjps(lin: LinearizedModel, cotangents: Array) -> list[PyTree]:
   """``[Jᵀ u_1, ..., Jᵀ u_k]`` for a stack ``cotangents`` of shape ``(k, b, ...)`` (k static).
 
-  One VJP per cotangent, unrolled, all sharing the one forward pass. Measured against one
-  ``vmap``ped VJP over the stack (``python -m benchmarks overhead mnist_mlp --every 1,10``, CPU,
-  alternating runs of both versions): one controller estimate 0.75–0.78 instead of 1.05–1.30
-  SGD steps (MSE), 0.84–0.92 instead of 1.06–1.10 (CE).
+  One VJP per cotangent, unrolled, all sharing the one forward pass: on CPU cheaper than one
+  ``vmap``ped VJP over the stack (``docs/controller.md``, "Costs").
   """
   return [lin.vjp(u) for u in cotangents]
 

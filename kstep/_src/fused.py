@@ -1,8 +1,8 @@
 """The fused path: the training step's own forward pass feeds the K controller's estimate.
 
-An estimate (:mod:`kstep.k_estimate`) linearises the model on about ``probe_batch_size`` rows of
-the batch: one forward pass, then one VJP per probe cotangent, a JVP and VJP per power step and
-a JVP for the guard's Rayleigh quotient.
+An estimate (:mod:`kstep._src.k_estimate`) linearises the model on about ``probe_batch_size``
+rows of the batch: one forward pass, then one VJP per probe cotangent, a JVP and VJP per power
+step and a JVP for the guard's Rayleigh quotient.
 The training step has just run the forward pass on those rows. :func:`value_and_grad` runs it
 once for both: it splits the batch into the probe rows (linearised: ``jax.linearize``) and the
 rest (``jax.vjp``), and on the probe rows differentiates the loss's output gradient *and* the
@@ -27,10 +27,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kstep import arguments, control_defaults, control_state, k_estimate, losses
-from kstep.control_state import ScaleByKControlState
-from kstep.estimators import linearization, products, traces
-from kstep.estimators import tree_math as tm
+from kstep._src import arguments, control_state, k_estimate, losses, options
+from kstep._src.control_state import ScaleByKControlState
+from kstep._src.estimators import linearization, products, traces
+from kstep._src.estimators import tree_math as tm
+from kstep._src.options import Estimate, Guard
 
 Array = jax.Array
 PyTree = Any
@@ -46,7 +47,7 @@ class FusedProbe:
     lambda_max: the guard's Rayleigh quotient after the power steps (NaN where none ran).
     eigenvector: the power iteration's next vector (the state's where none ran; ``()`` without
       a guard).
-    loss_name, probe_batch_size, sharpness_iters, trace_floor: the static configuration it was
+    loss_name, probe_batch_size, power_iters, trace_floor: the static configuration it was
       made with; ``update`` checks it against its own.
   """
 
@@ -56,13 +57,13 @@ class FusedProbe:
   eigenvector: PyTree
   loss_name: str
   probe_batch_size: int | None
-  sharpness_iters: int
+  power_iters: int
   trace_floor: bool
 
 
 jax.tree_util.register_dataclass(
     FusedProbe, data_fields=["trace", "ntk_trace", "lambda_max", "eigenvector"],
-    meta_fields=["loss_name", "probe_batch_size", "sharpness_iters", "trace_floor"],
+    meta_fields=["loss_name", "probe_batch_size", "power_iters", "trace_floor"],
 )
 
 
@@ -81,20 +82,20 @@ def controller_state(state: Any) -> ScaleByKControlState:
 
 
 def check_probe(probe: Any, *, loss: losses.OutputLoss, trace_floor: Any, num_probes: int,
-                sharpness_iters: int, probe_batch_size: int | None, estimator: str,
+                power_iters: int, probe_batch_size: int | None, estimator: str,
                 output_norm: str, axis_name: Any) -> None:
   """Raises ``ValueError`` (at trace time) where ``probe`` does not fit the controller."""
   if not isinstance(probe, FusedProbe):
     raise ValueError(f"`probe` must come from kstep.value_and_grad; got {type(probe).__name__}.")
   if axis_name is not None or estimator != "hutchinson" or num_probes != 1 or (
       output_norm == "max_output"):
-    raise ValueError("kstep.value_and_grad's probe needs a controller with num_probes=1, "
-                     "estimator='hutchinson', output_norm other than 'max_output' and no "
-                     "axis_name; call update without `probe` instead.")
+    raise ValueError("kstep.value_and_grad's probe needs a controller with "
+                     "Estimate(num_probes=1, estimator='hutchinson') and an output_norm other "
+                     "than 'max_output', and no axis_name; call update without `probe` instead.")
   mine = dict(loss=loss.name, trace_floor=trace_floor is not None,
-              sharpness_iters=sharpness_iters, probe_batch_size=probe_batch_size)
+              power_iters=power_iters, probe_batch_size=probe_batch_size)
   theirs = dict(loss=probe.loss_name, trace_floor=probe.trace_floor,
-                sharpness_iters=probe.sharpness_iters, probe_batch_size=probe.probe_batch_size)
+                power_iters=probe.power_iters, probe_batch_size=probe.probe_batch_size)
   for name in mine:
     if mine[name] != theirs[name]:
       raise ValueError(f"kstep.value_and_grad was built with {name}={theirs[name]!r} but the "
@@ -105,7 +106,7 @@ def estimate_from_probe(probe: FusedProbe, state: ScaleByKControlState, *, full:
                         num_outputs: int, output_norm: str,
                         trace_floor: Any) -> k_estimate.KEstimate:
   """The controller's estimate from ``probe`` (``full``: with its λ, vector and NTK trace; else
-  the state's vector and last NTK scale), as :func:`kstep.k_estimate.estimate` makes it."""
+  the state's vector and last NTK scale), as :func:`kstep._src.k_estimate.estimate` makes it."""
   guard = bool(jax.tree.leaves(state.gn_eigenvector))
   scale = probe.trace / num_outputs if output_norm == "per_output" else probe.trace
   vector = (probe.eigenvector if full else state.gn_eigenvector) if guard else None
@@ -116,7 +117,7 @@ def estimate_from_probe(probe: FusedProbe, state: ScaleByKControlState, *, full:
 
 
 def _split_rows(batch: Any, rows: int, stride: int) -> tuple[Any, Any]:
-  """``(probe, rest)``: every ``stride``-th row (:func:`kstep.k_estimate.probe_rows`) and the
+  """``(probe, rest)``: every ``stride``-th row (:func:`kstep._src.k_estimate.probe_rows`) and the
   others, for leaves whose leading dimension is ``rows``; other leaves go to both whole."""
   rest = np.setdiff1d(np.arange(rows), np.arange(0, rows, stride))
   is_rows = lambda leaf: jnp.ndim(leaf) > 0 and jnp.shape(leaf)[0] == rows
@@ -132,19 +133,28 @@ def value_and_grad(
     *,
     loss: str | Callable[..., Array] = "mse",
     trace_floor: float | str | None = "auto",
-    probe_batch_size: int | None = k_estimate.DEFAULT_PROBE_BATCH_SIZE,
-    sharpness_iters: int = k_estimate.DEFAULT_SHARPNESS_ITERS,
+    estimate: Estimate = Estimate(),
+    guard: Guard | None = Guard(),
 ) -> Callable[..., tuple[tuple[Array, FusedProbe], PyTree]]:
-  """``f(params, batch, *, state) -> ((loss, probe), grads)``: the training loss, its gradient
-  and the K controller's next estimate from one forward pass (module docstring).
+  """The training loss, its gradient and the K controller's next estimate from one forward pass.
 
-  The loss is ``mean_i per_example_loss(apply_fn(params, batch), batch)_i``; add weight decay
-  and other regularisers in the optimizer (``weight_decay=``). ``loss``, ``trace_floor``,
-  ``probe_batch_size`` and ``sharpness_iters`` must be the controller's (the defaults are its
-  defaults; ``probe_batch_size=None``: the whole batch, as there); ``update`` raises
-  ``ValueError`` otherwise. Needs one probe per estimate, the
-  Hutchinson estimator, an output norm other than ``"max_output"`` and no ``axis_name`` (under
-  ``jax.jit`` with sharded arrays it works as is).
+  Returns ``f(params, batch, *, state) -> ((loss, probe), grads)``, the loss being
+  ``mean_i per_example_loss(apply_fn(params, batch), batch)_i``; pass ``probe`` to the
+  controller's ``update(..., probe=probe)``. On a step with an estimate the probe rows are
+  linearised once for the gradient and the estimate's products (module docstring); elsewhere it
+  is ``jax.value_and_grad`` of the mean loss. When it pays: ``docs/controller.md``, "Fused path".
+
+  Args:
+    per_example_loss: ``(outputs, batch) -> (B,)`` losses; regularisers belong in the optimizer.
+    apply_fn: ``apply_fn(params, batch) -> outputs``, the controller's.
+    loss: the controller's ``loss``, a named one (a callable has no probe sampler).
+    trace_floor: the controller's ``trace_floor``.
+    estimate: the controller's :class:`kstep.Estimate` (one Hutchinson probe, an output norm
+      other than ``"max_output"``).
+    guard: the controller's :class:`kstep.Guard` or ``None``.
+
+  Returns:
+    ``f(params, batch, *, state)``, ``state`` the optimizer state holding one K controller.
 
   >>> import jax, jax.numpy as jnp, optax, kstep
   >>> apply_fn = lambda p, batch: batch["x"] @ p["w"]
@@ -152,8 +162,9 @@ def value_and_grad(
   >>> params = {"w": jnp.zeros((3, 2))}
   >>> x = jax.random.normal(jax.random.PRNGKey(0), (64, 3))
   >>> batch = {"x": x, "y": x @ jnp.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])}
-  >>> opt = kstep.k_controlled_sgd(1.0, apply_fn=apply_fn, every=2, decay_steps=100)
-  >>> grad_fn = kstep.value_and_grad(per_example, apply_fn)
+  >>> every2 = kstep.Estimate(every=2)
+  >>> opt = kstep.k_controlled_sgd(1.0, apply_fn=apply_fn, estimate=every2, decay_steps=100)
+  >>> grad_fn = kstep.value_and_grad(per_example, apply_fn, estimate=every2)
   >>> @jax.jit
   ... def step(params, state, batch):
   ...   (loss, probe), grads = grad_fn(params, batch, state=state)
@@ -167,7 +178,7 @@ def value_and_grad(
 
   Raises:
     ValueError: at construction, naming the argument that is out of range; at the call, a state
-      without exactly one K controller.
+      without exactly one K controller; in ``update``, a probe made with other options.
   """
 
   arguments.check_callable("per_example_loss", per_example_loss, "(outputs, batch) -> (B,)")
@@ -176,12 +187,11 @@ def value_and_grad(
   if spec.noise is None:
     raise ValueError("kstep.value_and_grad needs a named `loss` (a callable has no probe "
                      "sampler; use the unfused update).")
-  floor = control_defaults.resolve_trace_floor(trace_floor, loss) is not None
-  pbs = probe_batch_size
-  if pbs is not None:
-    arguments.check_static_int("probe_batch_size", pbs, "sets the sub-batch's stride (a shape)")
-  iters = arguments.check_static_int("sharpness_iters", sharpness_iters,
-                                     "sets the number of power steps")
+  options.check_group("estimate", estimate, Estimate, optional=False)
+  options.check_group("guard", guard, Guard, optional=True)
+  floor = options.resolve_trace_floor(trace_floor, loss) is not None
+  pbs = estimate.probe_batch_size
+  iters = guard.power_iters if guard is not None else options.DEFAULT_POWER_ITERS
   mse = losses.resolve_loss("mse")
 
   def mean_loss(params: PyTree, batch: Any) -> Array:

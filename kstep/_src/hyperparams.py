@@ -12,7 +12,7 @@ argument: 'batch'``. :func:`inject_hyperparams` lists them for you:
 >>> opt = kstep.inject_hyperparams(kstep.k_controlled_sgd)(
 ...     0.1, apply_fn=lambda p, batch: batch["x"] @ p["w"])
 >>> sorted(static_arg_names(kstep.k_controlled_sgd))[:4]
-['apply_fn', 'axis_name', 'band_decay', 'batch_size']
+['apply_fn', 'axis_name', 'batch_size', 'decay_steps']
 
 The rule reads the factory's type annotations: an argument is a hyperparameter (injected, and
 changeable later through ``state.hyperparams[name]``) when its annotation admits a float, e.g.
@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterable
 
 import optax
 
-from kstep import control
+from kstep._src import control
 
 # Value-dependent static arguments: factory -> {argument: predicate on the bound value}. A value
 # for which the predicate holds changes which parts the factory builds, so it must stay static.

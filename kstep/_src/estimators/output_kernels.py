@@ -1,8 +1,9 @@
 """The C×C output kernel M: how the noise of SGD splits over the C outputs of an example.
 
-Design doc, "Several outputs per example": mini-batches sample *examples*, so all C outputs of a
-sampled example move together and the gradient noise is block diagonal in C×C blocks. With
-``J_i`` the C×P Jacobian of example i and ``H_i`` the Hessian of its loss in the outputs,
+``docs/design.md``, "Several outputs per example": mini-batches sample *examples*, so all C
+outputs of a sampled example move together and the gradient noise is block diagonal in C×C
+blocks. With ``J_i`` the C×P Jacobian of example i and ``H_i`` the Hessian of its loss in the
+outputs,
 
     M = (1/B) Σ_i H_i^{1/2} J_i J_iᵀ H_i^{1/2},      tr M = T (the Gauss–Newton trace).
 
@@ -23,9 +24,9 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from kstep import arguments, losses
-from kstep.estimators import data_axis, linearization, traces
-from kstep.estimators.data_axis import AxisName
+from kstep._src import arguments, losses
+from kstep._src.estimators import data_axis, linearization, traces
+from kstep._src.estimators.data_axis import AxisName
 
 Array = jax.Array
 PyTree = Any

@@ -1,7 +1,7 @@
 """When periodic work runs: ``count % every == 0``, tied to the gradients.
 
-The K controller's estimate (:mod:`kstep.control`) and the trackers' measurements
-(:mod:`kstep.diagnostics`) run inside a ``lax.cond`` on the update count. Their branches read
+The K controller's estimate (:mod:`kstep._src.control`) and the trackers' measurements
+(:mod:`kstep._src.diagnostics`) run inside a ``lax.cond`` on the update count. Their branches read
 only params and the batch, so XLA is free to schedule the cond anywhere in the training step:
 XLA:CPU placed it right after the first layer's forward pass, in the middle of the step (MNIST
 MLP, 2 cores). ``lax.optimization_barrier`` does not help there: XLA:CPU's pipeline removes it
@@ -25,10 +25,8 @@ def due(count: Array, every: int, updates: Any) -> Array:
   non-empty update leaf, is false (an update count is never negative) but XLA cannot know it,
   so the predicate waits for the updates. It reads one element per leaf, not a pass over
   them; leaves sharded over an explicit-axes mesh are left out (there, taking one element is a
-  sharding error), so with every leaf sharded that way the predicate is the plain one. Measured
-  (MNIST MLP, B = 128, 2-core CPU, ``python -m benchmarks overhead``): the
-  controller at every=1000 cost 1.00 × ``optax.sgd`` instead of 1.02, and 1-2 % less at
-  every=10 (benchmarks README, "Overhead"). A leaf sharded over devices without explicit axes
+  sharding error), so with every leaf sharded that way the predicate is the plain one (why and
+  what it saves: ``docs/controller.md``). A leaf sharded over devices without explicit axes
   contributes an element that lives on one of them: one scalar all-reduce per step.
 
   >>> import jax.numpy as jnp

@@ -1,12 +1,12 @@
 """State of the K controller (:func:`kstep.scale_by_k_control`), one NamedTuple of arrays, and
-how one estimate (:class:`kstep.k_estimate.KEstimate`) updates it (:func:`absorb`)."""
+how one estimate (:class:`kstep._src.k_estimate.KEstimate`) updates it (:func:`absorb`)."""
 
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from kstep import k_estimate
+from kstep._src import k_estimate
 
 Array = jax.Array
 

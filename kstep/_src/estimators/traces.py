@@ -12,10 +12,10 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from kstep import arguments, losses
-from kstep.estimators import data_axis, linearization, sample_stats
-from kstep.estimators import tree_math as tm
-from kstep.estimators.data_axis import AxisName
+from kstep._src import arguments, losses
+from kstep._src.estimators import data_axis, linearization, sample_stats
+from kstep._src.estimators import tree_math as tm
+from kstep._src.estimators.data_axis import AxisName
 
 Array = jax.Array
 PyTree = Any
@@ -259,7 +259,7 @@ def hutchinson_traces(
   """Traces of several named losses' Gauss–Newton matrices from shared probes' VJPs.
 
   Per probe, each loss samples its own cotangent (:func:`probe_cotangents`) and one VJP each
-  differentiates them from the one forward pass (:func:`kstep.estimators.linearization.vjps`):
+  differentiates them from the one forward pass (:func:`kstep._src.estimators.linearization.vjps`):
   e.g. the Gauss–Newton trace and the trace floor's NTK trace.
   """
   specs = tuple(s.for_output_shape(lin.out_shape) for s in specs)

@@ -47,7 +47,7 @@ raises, and each value must be read from its own sub-state (a controlled run has
 
 Data parallel: under ``jax.jit`` with a sharded batch the trackers need nothing; inside
 ``shard_map``/``pmap`` pass ``axis_name`` (the axis the batch is split over) and they measure on
-the global batch, the same numbers as one device (see :mod:`kstep.estimators`).
+the global batch, the same numbers as one device (see :mod:`kstep._src.estimators`).
 
 Under ``optax.inject_hyperparams``, list ``loss_fn`` / ``apply_fn`` (and a callable ``loss``) in
 ``static_args`` (it treats every callable as a schedule), and ``num_iters`` / ``num_probes`` too:
@@ -64,9 +64,9 @@ independent (true for the batches, not for the drifting parameters): ``sqrt(v ·
 ``decay=None``); NaN until two measurements exist.
 """
 
-from kstep.diagnostics.batch_sharpness_tracker import (
+from kstep._src.diagnostics.batch_sharpness_tracker import (
     TrackBatchSharpnessState,
     track_batch_sharpness,
 )
-from kstep.diagnostics.k_tracker import TrackKState, track_k
-from kstep.diagnostics.lambda_max_tracker import TrackLambdaMaxState, track_lambda_max
+from kstep._src.diagnostics.k_tracker import TrackKState, track_k
+from kstep._src.diagnostics.lambda_max_tracker import TrackLambdaMaxState, track_lambda_max

@@ -1,11 +1,11 @@
 """Curvature estimators: traces, the output kernel, curvature products, λ_max, Batch Sharpness.
 
-One module per job, read top-down: :mod:`~kstep.estimators.traces` (Gauss–Newton / NTK traces,
-empirical NTK), :mod:`~kstep.estimators.output_kernels` (the C×C output kernel M),
-:mod:`~kstep.estimators.products` (Hessian- and Gauss–Newton-vector products),
-:mod:`~kstep.estimators.eigensolvers` (λ_max), :mod:`~kstep.estimators.sharpness` (Batch
-Sharpness); helpers in :mod:`~kstep.estimators.tree_math`, :mod:`~kstep.estimators.data_axis` and
-:mod:`~kstep.estimators.sample_stats`.
+One module per job, read top-down: :mod:`~kstep._src.estimators.traces` (Gauss–Newton / NTK traces,
+empirical NTK), :mod:`~kstep._src.estimators.output_kernels` (the C×C output kernel M),
+:mod:`~kstep._src.estimators.products` (Hessian- and Gauss–Newton-vector products),
+:mod:`~kstep._src.estimators.eigensolvers` (λ_max), :mod:`~kstep._src.estimators.sharpness`
+(Batch Sharpness); helpers in :mod:`~kstep._src.estimators.tree_math`,
+:mod:`~kstep._src.estimators.data_axis` and :mod:`~kstep._src.estimators.sample_stats`.
 
 All functions are pure and jit-compatible, take an explicit PRNG key where they sample, accept
 params of any pytree structure and any float dtype, and accumulate in float32 (bf16/f16 params give
@@ -26,23 +26,23 @@ the local shard (the global loss is the mean over devices). With the same key, t
 sharded batch equals the single-device estimate on the whole batch (up to float rounding).
 """
 
-from kstep.estimators.data_axis import PROBE_SCOPES, AxisName, check_probe_scope
-from kstep.estimators.eigensolvers import (
+from kstep._src.estimators.data_axis import PROBE_SCOPES, AxisName, check_probe_scope
+from kstep._src.estimators.eigensolvers import (
     EIGEN_METHODS,
     LambdaMax,
     gauss_newton_lambda_max,
     lambda_max,
 )
-from kstep.estimators.linearization import LinearizedModel, linearize
-from kstep.estimators.output_kernels import OutputKernel, output_kernel
-from kstep.estimators.products import batch_curvature, gauss_newton_vp, hvp
-from kstep.estimators.sample_stats import mean_and_stderr, ratio_of_means
-from kstep.estimators.sharpness import BatchSharpness, batch_sharpness
-from kstep.estimators.traces import (
+from kstep._src.estimators.linearization import LinearizedModel, linearize
+from kstep._src.estimators.output_kernels import OutputKernel, output_kernel
+from kstep._src.estimators.products import batch_curvature, gauss_newton_vp, hvp
+from kstep._src.estimators.sample_stats import mean_and_stderr, ratio_of_means
+from kstep._src.estimators.sharpness import BatchSharpness, batch_sharpness
+from kstep._src.estimators.traces import (
     METHODS,
     TraceEstimate,
     empirical_ntk,
     gauss_newton_trace,
     ntk_trace,
 )
-from kstep.estimators.tree_math import random_unit
+from kstep._src.estimators.tree_math import random_unit

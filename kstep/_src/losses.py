@@ -16,7 +16,7 @@ holds, for each supported loss, three things the estimators need:
 * ``per_example(outputs, batch)``: for callables only, the user's per-example loss; its Hessian in
   the outputs gives Gauss–Newton-vector products.
 
-Conventions (see ``shared/design/noise-kernel-norm.md``): ``"mse"`` is ℓ = ½ Σ_c (f_c − y_c)², so
+Conventions (``docs/design.md``, "Setting and conventions"): ``"mse"`` is ℓ = ½ Σ_c (f_c − y_c)², so
 ``H_i = I`` and T is the NTK trace. A user whose MSE averages over classes or drops the ½ has
 ``H_i = I/C`` or ``2I``: pass the loss as a callable and the Hessian is derived from it.
 """

@@ -6,9 +6,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from kstep import arguments, estimators, k_estimate, losses, noise_kernel, periodic
-from kstep.diagnostics import common
-from kstep.estimators import AxisName
+from kstep._src import arguments, estimators, k_estimate, losses, noise_kernel, periodic
+from kstep._src.diagnostics import common
+from kstep._src.estimators import AxisName
 
 Array = jax.Array
 PyTree = Any
@@ -74,13 +74,13 @@ def track_k(
   """Records the noise kernel norm K (Agarwala & Pennington 2024) of any SGD/momentum run.
 
   ``K = η / (2 α B) · S`` (K paper eq. 11; momentum eq. 18; general loss eq. 87/130) with
-  ``α = 1 − μ`` and S the kernel scale of :mod:`kstep.k_estimate`: for ``output_norm="auto"``
+  ``α = 1 − μ`` and S the kernel scale of :mod:`kstep._src.k_estimate`: for ``output_norm="auto"``
   the NTK trace per output ``T/C`` for MSE and callables, the Gauss–Newton trace
   ``T = (1/B) Σ_i tr(J_iᵀ H_i J_i)`` for the cross-entropies. K ≈ 1 is the stochastic edge of
   stability (≈ 2 for cross-entropy, App. D.7). The same measurement as the K controller
   (:func:`kstep.scale_by_k_control`) without the control: every ``every`` updates S and T are
-  estimated on the current batch (keyword ``batch=``) with :func:`kstep.k_estimate.estimate`,
-  averaged over measurements (``decay``, see :mod:`kstep.diagnostics`), and at every update
+  estimated on the current batch (keyword ``batch=``) with :func:`kstep._src.k_estimate.estimate`,
+  averaged over measurements (``decay``, see :mod:`kstep._src.diagnostics`), and at every update
   ``k = k_from_trace(η_t, B, S̄, μ)`` with η_t the learning rate at that update, so K follows a
   schedule between measurements.
 

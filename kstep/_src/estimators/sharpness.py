@@ -5,9 +5,9 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from kstep import arguments
-from kstep.estimators import products, sample_stats
-from kstep.estimators.data_axis import AxisName
+from kstep._src import arguments
+from kstep._src.estimators import products, sample_stats
+from kstep._src.estimators.data_axis import AxisName
 
 Array = jax.Array
 PyTree = Any

@@ -3,7 +3,7 @@
 A measurement that comes out NaN or ±Inf is dropped (:func:`accept`): the reported values keep
 their previous values (NaN before the first valid measurement) and ``<prefix>_num_skipped``
 counts it. Running means are exponentially
-weighted (:class:`Moments`, West's weighted Welford recursion); see :mod:`kstep.diagnostics`.
+weighted (:class:`Moments`, West's weighted Welford recursion); see :mod:`kstep._src.diagnostics`.
 """
 
 from typing import Any, NamedTuple
@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from kstep import arguments
+from kstep._src import arguments
 
 Array = jax.Array
 

@@ -6,9 +6,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from kstep import arguments, estimators, periodic
-from kstep.diagnostics import common
-from kstep.estimators import AxisName
+from kstep._src import arguments, estimators, periodic
+from kstep._src.diagnostics import common
+from kstep._src.estimators import AxisName
 
 Array = jax.Array
 PyTree = Any

@@ -1,16 +1,16 @@
 """One estimate of what K and the curvature edge need, on one batch, from one forward pass.
 
-The K controller (:mod:`kstep.control`) and :func:`kstep.track_k` call :func:`estimate` every
+The K controller (:mod:`kstep._src.control`) and :func:`kstep.track_k` call :func:`estimate` every
 few steps inside ``lax.cond``. From one linearisation of the model on the batch
-(:func:`kstep.estimators.linearize`) it returns
+(:func:`kstep._src.estimators.linearize`) it returns
 
 * ``trace``: T̂, the per-example Gauss–Newton trace (NTK trace for MSE), K paper eq. 87/102;
 * ``scale``: Ŝ, the kernel scale in ``K = η Ŝ / (2 α B)`` for the chosen ``output_norm``
-  (design doc, "Several outputs per example"):
+  (``docs/design.md``, "Several outputs per example"):
 
   - ``"total"``: Ŝ = T̂ (every output of an example counted; eq. 102);
   - ``"per_output"``: Ŝ = T̂ / C (isotropic outputs; for MSE the edge is at K ≈ 1 in this
-    norm: measured divergence at K_total ≈ 8–9 with C = 10 outputs);
+    norm);
   - ``"max_output"``: Ŝ = λ_max(M̂), M the C×C output kernel (:func:`kstep.output_kernel`,
     C VJPs per probe): the robust variant when one output direction dominates;
 
@@ -23,12 +23,11 @@ few steps inside ``lax.cond``. From one linearisation of the model on the batch
   carries over between estimates.
 
 Every product shares the one forward pass; the VJPs of stacked cotangents run one after another
-(:func:`kstep.estimators.linearization.vjps`: on CPU cheaper than one ``vmap``ped VJP).
+(:func:`kstep._src.estimators.linearization.vjps`: on CPU cheaper than one ``vmap``ped VJP).
 
 ``"auto"`` resolves to ``"per_output"`` for ``"mse"`` and callables and to ``"total"`` for the
 cross-entropies: at a uniform softmax H ≈ I/C, so the Gauss–Newton trace already carries the 1/C
-(measured, MLP, 10 classes: the band (0.4, 0.8) on the GN trace gave 0.855–0.859 test accuracy at
-every base LR, the same band on GN/C gave 0.61–0.81; design doc).
+(``docs/design.md``, "Several outputs per example"; the evidence: ``docs/defaults.md``).
 """
 
 from typing import Any, Callable, NamedTuple
@@ -36,10 +35,10 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from kstep import losses
-from kstep.estimators import data_axis, linearization, output_kernels, products, traces
-from kstep.estimators import tree_math as tm
-from kstep.estimators.data_axis import AxisName
+from kstep._src import losses
+from kstep._src.estimators import data_axis, linearization, output_kernels, products, traces
+from kstep._src.estimators import tree_math as tm
+from kstep._src.estimators.data_axis import AxisName
 
 Array = jax.Array
 PyTree = Any
@@ -175,10 +174,10 @@ def gauss_newton_power(
   Rayleigh quotient of the last vector.
 
   Returns ``(λ, u)``: u the unit vector after the steps, λ = ``uᵀ G u`` (a lower bound on
-  λ_max, from one more JVP: :func:`kstep.estimators.products.gauss_newton_quadratic`). Cost:
+  λ_max, from one more JVP: :func:`kstep._src.estimators.products.gauss_newton_quadratic`). Cost:
   ``num_iters`` JVP+VJP pairs and one JVP. The same λ as ``num_iters + 1`` plain power steps
   that read the quotient off the last product (a VJP more), whose vector is one step further;
-  here the next estimate continues from u (measured cost and parity: benchmarks README).
+  here the next estimate continues from u (``docs/defaults.md``, the guard's power steps).
   """
   u = power_steps(lin, loss, batch, v, num_iters, axis_name=axis_name)
   lam = products.gauss_newton_quadratic(lin, loss, batch, u, axis_name=axis_name)

@@ -98,7 +98,7 @@ def _is_key(seed: Any) -> bool:
   )
 
 
-def check_seed(seed: Any) -> None:
+def check_seed(seed: Any, name: str = "seed") -> None:
   """Checks a seed at construction without making an array: an int (or an integer scalar array,
   e.g. injected by ``optax.inject_hyperparams``) or a PRNG key (typed, or uint32 of shape (2,)).
   The key itself is made in ``init`` (:func:`prng_key`), where it gets the state's placement."""
@@ -108,7 +108,7 @@ def check_seed(seed: Any) -> None:
       isinstance(seed, jax.Array) and seed.ndim == 0 and jnp.issubdtype(seed.dtype, jnp.integer)
   )
   if isinstance(seed, bool) or not (isinstance(seed, (int, np.integer)) or is_int_array):
-    raise ValueError(f"`seed` must be an int or a PRNG key; got {seed!r}.")
+    raise ValueError(f"`{name}` must be an int or a PRNG key; got {seed!r}.")
 
 
 def prng_key(seed: int | Array) -> Array:
@@ -170,16 +170,15 @@ def check_optional(name: str, value: Any, low: float, high: float | None = None)
     raise ValueError(f"`{name}` must be a number {rng} or None; got {value!r}.")
 
 
-def band_decay_fn(decay_steps: Any, band_decay: Any) -> Callable[[Array], Array] | None:
-  """The band's decay d(t): a cosine from 1 to 0 over ``decay_steps``, ``band_decay`` itself, or
-  None (no decay); both given is an error."""
-  if decay_steps is not None and band_decay is not None:
-    raise ValueError("give `decay_steps` (a cosine to 0) or `band_decay` (a schedule), not both.")
-  if band_decay is not None:
-    if not callable(band_decay):
-      raise ValueError(f"`band_decay` must be an optax schedule of the step; got {band_decay!r}.")
-    return band_decay
+def band_decay_fn(decay_steps: Any) -> Callable[[Array], Array] | None:
+  """The band's decay d(t): a cosine from 1 to 0 over ``decay_steps`` updates (an int), the
+  schedule ``decay_steps`` itself (a callable of the update count), or None (no decay)."""
   if decay_steps is None:
     return None
-  check_positive_int("decay_steps", decay_steps)
-  return optax.cosine_decay_schedule(1.0, decay_steps)
+  if callable(decay_steps):
+    return decay_steps
+  whole = is_number(decay_steps) and int(decay_steps) == decay_steps
+  if isinstance(decay_steps, bool) or not whole or decay_steps < 1:
+    raise ValueError("`decay_steps` must be an integer >= 1, an optax schedule of the update "
+                     f"count or None; got {decay_steps!r}.")
+  return optax.cosine_decay_schedule(1.0, int(decay_steps))

@@ -6,9 +6,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from kstep import arguments, estimators, periodic
-from kstep.diagnostics import common
-from kstep.estimators import AxisName
+from kstep._src import arguments, estimators, periodic
+from kstep._src.diagnostics import common
+from kstep._src.estimators import AxisName
 
 Array = jax.Array
 PyTree = Any
@@ -84,7 +84,7 @@ def track_batch_sharpness(
   run's regime reads ≈ 1 at the EoSS (with μ = 0 they coincide, ``η · BatchSharpness / 2``).
 
   Every ``every`` updates the pair ``(g_Bᵀ H_B g_B, ‖g_B‖²)`` is measured on the current batch
-  (keyword ``batch=``) at ``params`` with :func:`kstep.estimators.batch_curvature`; the
+  (keyword ``batch=``) at ``params`` with :func:`kstep._src.estimators.batch_curvature`; the
   expectations over B are running means over the measured batches (exponentially weighted with
   ``decay``, see the module docstring), so the estimate follows the drifting curvature.
   Also reported: the running mean of the per-batch ratios ``g_Bᵀ H_B g_B / ‖g_B‖²`` (a batch with
