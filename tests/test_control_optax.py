@@ -226,6 +226,48 @@ def test_multi_steps():
   assert step._cache_size() == 1
 
 
+def _unit_rows(seed, n):
+  """A batch whose rows have unit norm: every example has the same NTK trace C, so a
+  micro-batch's T is the whole batch's exactly."""
+  batch = make_batch(seed, n=n)
+  x = batch["x"] / jnp.linalg.norm(batch["x"], axis=1, keepdims=True)
+  return dict(batch, x=x)
+
+
+def test_accumulated_micro_batches_get_the_effective_batch_k_and_step():
+  """optax.MultiSteps over 4 micro-batches of 16 with ``batch_size=64`` takes the step and
+  reports the K of the same data as one batch of 64 (exact estimator: to float32 rounding);
+  reading B = 16 from the micro-batch instead gives a step 4× too small."""
+  micro, n = 16, 4
+  kwargs = dict(apply_fn=linear_apply, target=BAND, guard=None,
+                estimate=kstep.Estimate(estimator="exact", every=1, probe_batch_size=micro))
+  whole = kstep.k_controlled_sgd(100.0, **kwargs)
+  accumulated = optax.MultiSteps(kstep.k_controlled_sgd(100.0, batch_size=n * micro, **kwargs),
+                                 n)
+  naive = optax.MultiSteps(kstep.k_controlled_sgd(100.0, **kwargs), n)
+  params = {"w": init_params()["w"]}
+  p_whole = p_acc = p_naive = params
+  s_whole, s_acc, s_naive = whole.init(params), accumulated.init(params), naive.init(params)
+  step_whole, step_acc, step_naive = make_step(whole), make_step(accumulated), make_step(naive)
+  for t in range(3):
+    parts = [_unit_rows(10 * t + i, micro) for i in range(n)]
+    batch = jax.tree.map(lambda *leaves: jnp.concatenate(leaves), *parts)
+    p_whole, s_whole, _ = step_whole(p_whole, s_whole, batch, batch)
+    for part in parts:
+      p_acc, s_acc, _ = step_acc(p_acc, s_acc, part, part)
+      p_naive, s_naive, _ = step_naive(p_naive, s_naive, part, part)
+    a, w, v = kstep.stats(s_acc), kstep.stats(s_whole), kstep.stats(s_naive)
+    for name in ("k", "k_learning_rate", "k_trace"):
+      np.testing.assert_allclose(float(a[name]), float(w[name]), rtol=1e-5, err_msg=name)
+    np.testing.assert_allclose(np.asarray(p_acc["w"]), np.asarray(p_whole["w"]), rtol=2e-5,
+                               atol=1e-6)
+    if t == 0:  # the band's top sets the step: B = 16 gives a quarter of it
+      np.testing.assert_allclose(float(v["k_learning_rate"]), float(w["k_learning_rate"]) / n,
+                                 rtol=1e-5)
+  with pytest.raises(ValueError, match="multiple"):
+    step_acc(p_acc, s_acc, _unit_rows(0, 24), _unit_rows(0, 24))
+
+
 def test_stats_through_wrappers_and_ambiguity():
   params = init_params()
   inner = controller(0.1)

@@ -181,7 +181,9 @@ def scale_by_k_control(
       raise ValueError(
           "kstep's K controller estimates K on the batch the gradients came from: call "
           "`opt.update(grads, state, params, batch=batch)` (inside optax.chain the keyword is "
-          "forwarded; with flax nnx, `optimizer.update(model, grads, batch=batch)`)."
+          "forwarded; with flax nnx, `optimizer.update(model, grads, batch=batch)`; with a flax "
+          "linen TrainState, use kstep.flax.TrainState and `state.apply_gradients(grads=grads, "
+          "batch=batch)`)."
       )
     if params is None:
       raise ValueError("kstep's K controller needs `params`: opt.update(grads, state, params, "
@@ -299,7 +301,8 @@ def k_controlled_sgd(
     weight_decay: decoupled L2 coefficient ≥ 0 added to the gradient before momentum, as
       ``optax.add_decayed_weights``; ``None``: none.
     batch_size: B; ``None`` reads it from the outputs' leading dimension (the global batch
-      under sharding). A given B that differs from the batch's raises ``ValueError``.
+      under sharding). Under gradient accumulation (``optax.MultiSteps``) give the effective
+      batch, a multiple of the micro-batch; any other mismatch raises ``ValueError``.
     max_scale: if given (> 0), the step never exceeds ``max_scale · η_base``
       (``max_scale=1``: the controller only ever lowers the base LR).
     trace_floor: ρ ≥ 0: ``S ← max(S, ρ·S_NTK)`` (one more probe), against the collapse of the

@@ -66,19 +66,27 @@ def resolve_output_norm(output_norm: str, loss: Any) -> str:
 
 def batch_rows(apply_fn: Callable[[PyTree, Any], Array], params: PyTree, batch: Any,
                batch_size: Any = None, *, axis_name: AxisName = None) -> tuple[int, int]:
-  """``(B, C)`` of this batch from the outputs' static shape (B global under ``axis_name``).
+  """``(B, C)``: B the batch size of the step, C the outputs per example.
+
+  B is read from the outputs' static shape (global under ``axis_name``), or is the given
+  ``batch_size`` when that is a multiple of it: the effective batch of n micro-batches whose
+  gradients were accumulated (``optax.MultiSteps``), the rows seen being the last micro-batch.
 
   Raises:
-    ValueError: a given ``batch_size`` differs from B (both numbers in the message).
+    ValueError: a given ``batch_size`` that is not a multiple of the rows seen (both numbers in
+      the message).
   """
   b, c = linearization.num_rows(apply_fn, params, batch, axis_name=axis_name)
-  if batch_size is not None and not isinstance(batch_size, jax.core.Tracer) and b != batch_size:
+  if batch_size is None or isinstance(batch_size, jax.core.Tracer):
+    return b, c
+  if batch_size % b:
     raise ValueError(
         f"`batch_size` is {batch_size} but this batch has {b} examples (the leading dimension of "
-        "apply_fn's outputs): K would be wrong. Leave batch_size=None to read B from each batch "
-        "(a short last batch then compiles once more)."
+        "apply_fn's outputs): K would be wrong. Give the batch's size, or under gradient "
+        "accumulation the effective batch (a multiple of the micro-batch), or leave "
+        "batch_size=None to read B from each batch (a short last batch then compiles once more)."
     )
-  return b, c
+  return int(batch_size), c
 
 
 def probe_rows(apply_fn: Callable[[PyTree, Any], Array], params: PyTree, batch: Any,
