@@ -1,6 +1,7 @@
 """kstep: SGD that keeps its noise kernel norm K away from the stochastic edge of stability.
 
-The public API is what this module exports; everything under ``kstep._src`` is private.
+The public API is what this module exports, and ``kstep.flax`` (flax linen's ``TrainState``
+for kstep; imports flax when used); everything under ``kstep._src`` is private.
 """
 
 from kstep._src.control import ScaleByKControlState, k_controlled_sgd, scale_by_k_control
@@ -39,3 +40,12 @@ from kstep._src.options import Estimate, Guard, curvature_edge
 from kstep._src.stats import stats
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+  # kstep.flax imports flax, an optional dependency: loaded on first use of ``kstep.flax``.
+  if name == "flax":
+    import importlib
+
+    return importlib.import_module("kstep.flax")
+  raise AttributeError(f"module 'kstep' has no attribute {name!r}")
