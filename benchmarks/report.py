@@ -115,7 +115,7 @@ def report(root: pathlib.Path, task: str, scale: str, losses, steps: int,
         files = sorted(out_task.glob(f"{stem}_*.png"))
       written += files
       envs = sorted((r["env"] for r in runs), key=lambda e: str(e.get("date", "")))
-      commands = list(dict.fromkeys(e.get("command", "?") for e in envs))
+      commands = list(dict.fromkeys(_portable(e.get("command", "?")) for e in envs))
       summary = {"task": task, "scale": label, "scale_key": scale, "loss": loss,
                  "batch_size": b, "steps": steps, "num_runs": len(runs),
                  "seeds": sorted({r["seed"] for r in runs}), "device": envs[-1],
@@ -296,6 +296,13 @@ def parity_row(s: dict[str, Any]) -> str:
           f"{_gap2(p)} | {_lr_free_best(h)} |")
 
 
+def _portable(command: str) -> str:
+  """A recorded command with this machine's paths replaced: ``--data-dir DATA``, ``--results-dir
+  DIR``."""
+  command = re.sub(r"--data-dir[ =]\S+", "--data-dir DATA", command)
+  return re.sub(r"--results-dir[ =]\S+", "--results-dir DIR", command)
+
+
 def markdown(summaries: list[dict[str, Any]] | dict[str, Any], command: str | None = None) -> str:
   """The combined parity table over one or more tasks' summaries (``parity.md``): one row per
   (task, loss, B), then how it was made and on which machines."""
@@ -423,7 +430,8 @@ def overhead_markdown(overhead: dict[str, dict[str, Any]], scale: str) -> list[s
           f" (fused: {fused1 - 1:.2f})" if fused1 is not None else ""))
     if sgd:
       parts.append(f"SGD step {min(sgd) / 1e3:.3g}–{max(sgd) / 1e3:.3g} ms")
-    parts.append(f"`{env.get('command', '?')}` at {commit} ({str(env.get('date', ''))[:10]})")
+    when = str(env.get("date", ""))[:10]
+    parts.append(f"`{_portable(env.get('command', '?'))}` at {commit} ({when})")
     lines.append("* " + "; ".join(parts) + ".")
   pngs = [f"overhead_{scale}_{loss}.png" for loss in losses]
   lines += [""] + [f"![{name}]({name})" for name in pngs] + [""]
