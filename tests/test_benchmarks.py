@@ -182,3 +182,22 @@ def test_overhead_across_fresh_processes(tmp_path):
     assert across["max"] == pytest.approx(max(v), abs=1e-4)
   across_all = out["time_ratio_vs_sgd_across_processes"]
   assert out["default_ratio"] == across_all["kstep_every10"]["median"]
+
+
+def test_compare_finds_a_changed_number_and_a_missing_reference(tmp_path):
+  from benchmarks import compare
+
+  run = {"summary": {"test_acc": 0.5, "test_loss": 1.0, "train_acc": 0.5, "train_loss": 1.0,
+                     "diverged": False, "steps_done": 3},
+         "trajectory": {"k": [0.1, float("nan"), 0.3]}}
+  for root in ("new", "ref"):
+    (tmp_path / root / "a").mkdir(parents=True)
+    (tmp_path / root / "a" / "r.json").write_text(json.dumps(run))
+  assert compare.main([str(tmp_path / "new"), str(tmp_path / "ref")]) == 0  # NaN equals NaN
+  changed = json.loads(json.dumps(run))
+  changed["trajectory"]["k"][2] = 0.30000001
+  (tmp_path / "new" / "a" / "r.json").write_text(json.dumps(changed))
+  same, total, problems = compare.compare(tmp_path / "new", tmp_path / "ref")
+  assert (same, total) == (0, 1) and problems == ["a/r.json: trajectory.k"]
+  (tmp_path / "new" / "a" / "s.json").write_text(json.dumps(run))
+  assert compare.main([str(tmp_path / "new"), str(tmp_path / "ref")]) == 1
