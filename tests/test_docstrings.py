@@ -118,7 +118,7 @@ def test_k_controlled_sgd_docstring_is_a_contract():
   assert list(entries) == list(params)
   assert all(len(v) <= 6 for v in entries.values()), {k: len(v) for k, v in entries.items()}
   references = doc.split("\nReferences:\n")[1]
-  for arxiv in ("2404.19261", "2103.00065", "2412.20553"):
+  for arxiv in ("2404.19261", "2103.00065", "2412.20553", "2604.14108"):
     assert f"https://arxiv.org/abs/{arxiv}" in references, arxiv
   # The lower-level transforms document their own arguments too (fewer words, same names).
   for factory in (kstep.scale_by_k_control, kstep.value_and_grad, kstep.Estimate, kstep.Guard):

@@ -349,7 +349,8 @@ def k_controlled_sgd(
     Andreyev & Beneventano, `Edge of stochastic stability: revisiting the edge of stability for
     SGD <https://arxiv.org/abs/2412.20553>`_, 2024.
 
-    The momentum extension of the stochastic edge (2026): ``docs/design.md``, "Two edges".
+    Andreyev, Ananthkumar, Walden, Poggio & Beneventano, `Momentum further constrains
+    sharpness at the edge of stochastic stability <https://arxiv.org/abs/2604.14108>`_, 2026.
   """
   if weight_decay is not None and arguments.is_number(weight_decay) and float(weight_decay) < 0:
     raise ValueError(f"`weight_decay` must be >= 0 or None; got {weight_decay!r}.")
