@@ -52,7 +52,7 @@ def main(argv=None):
   model = CNN()
   variables = model.init(jax.random.PRNGKey(0), x_train[:2], train=False)
 
-  def kstep_apply(params, batch):  # train mode on the rows kstep is given
+  def kstep_apply(params, batch):  # train mode on the rows kstep is given (docs/batchnorm.md)
     return model.apply({"params": params}, batch["x"], train=True, mutable=["batch_stats"])[0]
 
   state = State.create(
