@@ -18,7 +18,8 @@ The rule reads the factory's type annotations: an argument is a hyperparameter (
 changeable later through ``state.hyperparams[name]``) when its annotation admits a float, e.g.
 ``learning_rate: optax.ScalarOrSchedule``, ``momentum: float``, ``max_scale: float | None``;
 any other annotated argument (``int``, ``str``, ``bool``, ``Callable``, ``optax.Schedule``,
-tuples) is static. Arguments without an annotation keep optax's rule. So it works for any optax
+tuples, the grouped options :class:`kstep.Estimate` and :class:`kstep.Guard`) is static.
+Arguments without an annotation keep optax's rule. So it works for any optax
 factory as well (``optax.adafactor``'s ``min_dim_size_to_factor: int`` becomes static, for
 instance). One rule depends on the value: ``k_controlled_sgd`` leaves its momentum part out for a
 Python ``momentum=0`` (as ``optax.sgd`` does for ``None``), so a Python zero momentum is static
