@@ -1,7 +1,9 @@
-"""Flax (linen) models of the benchmarks: an MLP and a BatchNorm-free ResNet.
+"""Flax (linen) models of the benchmarks: an MLP, a LayerNorm ResNet and a BatchNorm ResNet.
 
-Both are pure functions ``apply(params, x) -> logits``: no batch statistics, so the per-example
-outputs the K controller differentiates do not depend on the rest of the batch.
+The MLP and the LayerNorm ResNet are pure functions ``apply(params, x) -> logits``: the
+per-example outputs the K controller differentiates do not depend on the rest of the batch.
+:class:`BNResNet` is the ResNet users train (BatchNorm, ReLU); trained in train mode, its outputs
+depend on the batch, and :mod:`benchmarks.tasks` evaluates it on population statistics.
 """
 
 from __future__ import annotations
@@ -69,5 +71,49 @@ class ResNet(nn.Module):
       for i in range(n):
         stride = 2 if stage > 0 and i == 0 else 1
         x = BasicBlock(self.width * 2**stage, stride)(x)
+    x = jnp.mean(x, axis=(1, 2))
+    return nn.Dense(self.num_classes)(x)
+
+
+class BNBasicBlock(nn.Module):
+  features: int
+  stride: int = 1
+  bn_momentum: float = 0.9
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    norm = lambda: nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum)
+    residual = x
+    y = nn.Conv(self.features, (3, 3), (self.stride, self.stride), padding=1, use_bias=False)(x)
+    y = nn.relu(norm()(y))
+    y = nn.Conv(self.features, (3, 3), padding=1, use_bias=False)(y)
+    y = norm()(y)
+    if residual.shape != y.shape:
+      residual = nn.Conv(self.features, (1, 1), (self.stride, self.stride), use_bias=False)(x)
+      residual = norm()(residual)
+    return nn.relu(y + residual)
+
+
+class BNResNet(nn.Module):
+  """CIFAR ResNet (3x3 stem, no max-pool) with BatchNorm and ReLU, as users train it.
+
+  ``BNResNet(width=64, blocks=(2, 2, 2, 2))`` is ResNet-18. ``bn_momentum`` is the running
+  averages' (PyTorch's 0.9; 0 makes the running statistics those of the last batch).
+  """
+
+  width: int = 64
+  blocks: Sequence[int] = (2, 2, 2, 2)
+  num_classes: int = 10
+  bn_momentum: float = 0.9
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    x = nn.Conv(self.width, (3, 3), padding=1, use_bias=False)(x)
+    x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum)(x)
+    x = nn.relu(x)
+    for stage, n in enumerate(self.blocks):
+      for i in range(n):
+        stride = 2 if stage > 0 and i == 0 else 1
+        x = BNBasicBlock(self.width * 2**stage, stride, self.bn_momentum)(x, train)
     x = jnp.mean(x, axis=(1, 2))
     return nn.Dense(self.num_classes)(x)

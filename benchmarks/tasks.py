@@ -1,8 +1,11 @@
 """The trained tasks: data, model and the default sweep of each, at CPU or GPU scale.
 
 A :class:`Problem` is everything :mod:`benchmarks.train` needs: arrays, ``init(key)``,
-``apply(params, x)`` and the loss. Losses: ``"mse"`` is ℓ = ½ Σ_c (f_c − onehot_c)² (kstep's
-``"mse"``, H = I), ``"ce"`` the softmax cross-entropy (kstep's ``"softmax_cross_entropy"``).
+``apply(params, x)`` (the function trained, and the one kstep linearises) and the loss; a
+BatchNorm model also brings ``eval_apply(params, x_calibration, x)`` (eval mode on statistics
+recomputed from training data at the end of the run). Losses: ``"mse"`` is
+ℓ = ½ Σ_c (f_c − onehot_c)² (kstep's ``"mse"``, H = I), ``"ce"`` the softmax cross-entropy
+(kstep's ``"softmax_cross_entropy"``).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ class Problem:
   steps: int
   notes: str = ""
   num_classes: int = 10
+  eval_apply: Callable[[Any, jax.Array, jax.Array], jax.Array] | None = None
 
   def per_example_loss(self, logits: jax.Array, y: jax.Array) -> jax.Array:
     onehot = jax.nn.one_hot(y, self.num_classes, dtype=logits.dtype)
@@ -130,7 +134,41 @@ DEFAULTS: dict[tuple[str, str], Defaults] = {
                                           band_seeds=(0,)),
     ("cifar10_resnet18", "gpu"): Defaults(steps=1560, batch_size=128),
 }
-TASKS = ("digits_mlp", "mnist_mlp", "cifar10_resnet18")
+TASKS = ("digits_mlp", "mnist_mlp", "cifar10_resnet18", "cifar10_bn_resnet18")
+DEFAULTS[("cifar10_bn_resnet18", "cpu")] = DEFAULTS[("cifar10_resnet18", "cpu")]
+DEFAULTS[("cifar10_bn_resnet18", "gpu")] = DEFAULTS[("cifar10_resnet18", "gpu")]
+# Rows of training data whose batch statistics (in chunks of CALIBRATION_CHUNK) give a BatchNorm
+# model's population statistics for evaluation.
+CALIBRATION_ROWS, CALIBRATION_CHUNK = 2000, 500
+
+
+def _batchnorm_problem(task, scale, loss, data, model, batch_size, steps, notes) -> Problem:
+  """A BatchNorm model trained in train mode (``apply``: the batch's own statistics, the
+  function SGD differentiates and kstep linearises; docs/batchnorm.md) and evaluated in eval
+  mode on population statistics: the mean over chunks of training rows of each chunk's batch
+  statistics at the final parameters (running averages of the training run are not kept)."""
+  x_train, y_train, x_test, y_test = data
+  calibrate = model.clone(bn_momentum=0.0)  # running statistics := the chunk's statistics
+
+  def apply(params, x):
+    return model.apply({"params": params}, x, train=True, mutable=["batch_stats"])[0]
+
+  def eval_apply(params, x_calibration, x):
+    chunk = min(CALIBRATION_CHUNK, x_calibration.shape[0])
+    rows = x_calibration.shape[0] // chunk * chunk
+    chunks = x_calibration[:rows].reshape(-1, chunk, *x_calibration.shape[1:])
+    stats = jax.lax.map(lambda c: calibrate.apply({"params": params}, c, train=True,
+                                                  mutable=["batch_stats"])[1]["batch_stats"],
+                        chunks)
+    stats = jax.tree.map(lambda s: jnp.mean(s, axis=0), stats)
+    return model.apply({"params": params, "batch_stats": stats}, x, train=False)
+
+  return Problem(
+      task=task, scale=scale, loss=loss, x_train=x_train, y_train=y_train, x_test=x_test,
+      y_test=y_test, batch_size=batch_size, steps=steps, notes=notes, apply=apply,
+      init=lambda key: model.init(key, jnp.asarray(x_train[:1]), train=False)["params"],
+      eval_apply=eval_apply,
+  )
 
 
 def defaults(task: str, scale: str) -> Defaults:
@@ -165,4 +203,16 @@ def load(task: str, loss: str, *, scale: str = "cpu", data_dir: str | None = Non
               "to 16x16")
     return _model_problem(task, label, loss, _cifar(data_dir, pool), model, batch_size, steps,
                           f"{CIFAR_NOTE}; {arch}")
+  if task == "cifar10_bn_resnet18":
+    if scale == "gpu":
+      model, label, pool = models.BNResNet(width=64, blocks=(2, 2, 2, 2)), "GPU, full", 1
+      arch = "ResNet-18 (width 64, blocks 2-2-2-2), BatchNorm, ReLU, 32x32 images"
+    else:
+      model, label, pool = models.BNResNet(width=8, blocks=(1, 1, 1)), "CPU, reduced", 2
+      arch = ("reduced ResNet (width 8, blocks 1-1-1), BatchNorm, ReLU, images average-pooled "
+              "to 16x16")
+    return _batchnorm_problem(
+        task, label, loss, _cifar(data_dir, pool), model, batch_size, steps,
+        f"{CIFAR_NOTE}; {arch}; trained in train mode, evaluated on population statistics of "
+        f"{CALIBRATION_ROWS} training rows")
   raise ValueError(f"unknown task {task!r}; one of {TASKS} or linreg")

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 import kstep
 from benchmarks import optimizers
-from benchmarks.tasks import KSTEP_LOSS, Problem
+from benchmarks.tasks import CALIBRATION_ROWS, KSTEP_LOSS, Problem
 
 NUM_POINTS = 50  # recorded points per trajectory
 EVAL_TRAIN = 5000  # training examples the final train loss is measured on
@@ -85,6 +85,11 @@ class Runner:
 
   def _eval_impl(self, params, state, x_train, y_train, x_test, y_test):
     params = optimizers.eval_params(self.name, state, params)
+    if self.p.eval_apply is None:
+      model = self.p.apply
+    else:  # BatchNorm: eval mode on statistics from training rows at these params
+      x_calibration = x_train[:CALIBRATION_ROWS]
+      model = lambda params, x: self.p.eval_apply(params, x_calibration, x)
 
     def metrics(x, y, chunk):
       n = (x.shape[0] // chunk) * chunk
@@ -92,7 +97,7 @@ class Runner:
       ys = y[:n].reshape(-1, chunk)
 
       def one(xy):
-        logits = self.p.apply(params, xy[0])
+        logits = model(params, xy[0])
         return (jnp.sum(self.p.per_example_loss(logits, xy[1])),
                 jnp.sum(jnp.argmax(logits, -1) == xy[1]))
 

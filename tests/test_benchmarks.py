@@ -201,3 +201,43 @@ def test_compare_finds_a_changed_number_and_a_missing_reference(tmp_path):
   assert (same, total) == (0, 1) and problems == ["a/r.json: trajectory.k"]
   (tmp_path / "new" / "a" / "s.json").write_text(json.dumps(run))
   assert compare.main([str(tmp_path / "new"), str(tmp_path / "ref")]) == 1
+
+
+def _bn_problem():
+  from benchmarks import models, tasks
+
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(1000, 8, 8, 3)).astype(np.float32)
+  y = rng.integers(0, 10, size=1000).astype(np.int32)
+  model = models.BNResNet(width=4, blocks=(1, 1))
+  return tasks._batchnorm_problem("bn_test", "CPU", "ce", (x[:500], y[:500], x[500:], y[500:]),
+                                  model, 16, 20, "generated"), x
+
+
+def test_batchnorm_task_evaluates_on_population_statistics():
+  """The BatchNorm task's eval mode uses statistics recomputed from training rows: for one chunk
+  of rows they are that chunk's own, so eval mode equals train mode on those rows."""
+  import jax
+  import jax.numpy as jnp
+
+  problem, x = _bn_problem()
+  params = jax.jit(problem.init)(jax.random.PRNGKey(0))  # eager conv init is slow on CPU
+  assert "batch_stats" not in params and "Conv_0" in params
+  chunk, other = jnp.asarray(x[:100]), jnp.asarray(x[100:200])
+  evaluate, trained = jax.jit(problem.eval_apply), jax.jit(problem.apply)
+  np.testing.assert_allclose(evaluate(params, chunk, chunk), trained(params, chunk),
+                             rtol=2e-3, atol=2e-4)
+  # Statistics of other rows: other outputs.
+  assert not np.allclose(evaluate(params, other, chunk), trained(params, chunk), rtol=2e-3,
+                         atol=2e-4)
+
+
+@pytest.mark.slow
+def test_batchnorm_task_trains_with_kstep():
+  """kstep trains the BatchNorm task (train-mode apply_fn) and the run is evaluated."""
+  from benchmarks import train
+
+  problem, _ = _bn_problem()
+  out = train.Runner(problem, "kstep_anneal").run(1.0, seed=0)
+  assert not out["summary"]["diverged"] and out["summary"]["steps_done"] == 20
+  assert np.isfinite(out["summary"]["test_acc"]) and out["kstep_final"]["k_num_estimates"] >= 2
