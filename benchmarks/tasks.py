@@ -193,26 +193,22 @@ def load(task: str, loss: str, *, scale: str = "cpu", data_dir: str | None = Non
     return _model_problem(task, "CPU", loss, _mnist(data_dir, 10_000), model, batch_size, steps,
                           "MNIST, 10k-example train subset, full 10k test; FCN 256-256 erf "
                           "(K paper §4.1)")
-  if task == "cifar10_resnet18":
+  if task in ("cifar10_resnet18", "cifar10_bn_resnet18"):
+    batchnorm = task == "cifar10_bn_resnet18"
+    net, norm = ((models.BNResNet, "BatchNorm, ReLU") if batchnorm
+                 else (models.ResNet, "LayerNorm, GELU"))
     if scale == "gpu":
-      model, label, pool = models.ResNet(width=64, blocks=(2, 2, 2, 2)), "GPU, full", 1
-      arch = "ResNet-18 (width 64, blocks 2-2-2-2), LayerNorm, GELU, 32x32 images"
+      model, label, pool = net(width=64, blocks=(2, 2, 2, 2)), "GPU, full", 1
+      arch = f"ResNet-18 (width 64, blocks 2-2-2-2), {norm}, 32x32 images"
     else:
-      model, label, pool = models.ResNet(width=8, blocks=(1, 1, 1)), "CPU, reduced", 2
-      arch = ("reduced ResNet (width 8, blocks 1-1-1), LayerNorm, GELU, images average-pooled "
-              "to 16x16")
-    return _model_problem(task, label, loss, _cifar(data_dir, pool), model, batch_size, steps,
-                          f"{CIFAR_NOTE}; {arch}")
-  if task == "cifar10_bn_resnet18":
-    if scale == "gpu":
-      model, label, pool = models.BNResNet(width=64, blocks=(2, 2, 2, 2)), "GPU, full", 1
-      arch = "ResNet-18 (width 64, blocks 2-2-2-2), BatchNorm, ReLU, 32x32 images"
-    else:
-      model, label, pool = models.BNResNet(width=8, blocks=(1, 1, 1)), "CPU, reduced", 2
-      arch = ("reduced ResNet (width 8, blocks 1-1-1), BatchNorm, ReLU, images average-pooled "
-              "to 16x16")
+      model, label, pool = net(width=8, blocks=(1, 1, 1)), "CPU, reduced", 2
+      arch = f"reduced ResNet (width 8, blocks 1-1-1), {norm}, images average-pooled to 16x16"
+    notes = f"{CIFAR_NOTE}; {arch}"
+    if not batchnorm:
+      return _model_problem(task, label, loss, _cifar(data_dir, pool), model, batch_size, steps,
+                            notes)
     return _batchnorm_problem(
         task, label, loss, _cifar(data_dir, pool), model, batch_size, steps,
-        f"{CIFAR_NOTE}; {arch}; trained in train mode, evaluated on population statistics of "
+        f"{notes}; trained in train mode, evaluated on population statistics of "
         f"{CALIBRATION_ROWS} training rows")
   raise ValueError(f"unknown task {task!r}; one of {TASKS} or linreg")

@@ -112,11 +112,10 @@ def scale_by_k_control(
   probe_scope, seed = estimate.probe_scope, estimate.seed
   guard_ratio = options.resolve_guard_ratio(guard, loss)
   # Without a guard only the floor's NTK probe follows refresh_every (the Guard's default).
-  power_iters = guard.power_iters if guard is not None else options.DEFAULT_POWER_ITERS
-  refresh_every = (guard or Guard()).refresh_every
+  power_iters = options.guard_or_default(guard).power_iters
+  refresh_every = options.guard_or_default(guard).refresh_every
   guard = guard is not None
   lo_sched, hi_sched = target
-  sign = -1.0
 
   def init_fn(params: Any) -> ScaleByKControlState:
     arguments.check_real_params(params, "k_controlled_sgd")
@@ -222,7 +221,7 @@ def scale_by_k_control(
       eta = jnp.where(capped, cap, eta)
       ratio = jnp.where(has_lam, eta * state.gn_lambda_max / edge, jnp.nan)
     k = jnp.where(has_scale, noise_kernel.k_from_trace(eta, b, state.k_scale, momentum), jnp.nan)
-    updates = jax.tree.map(lambda u: (sign * eta * u).astype(u.dtype), updates)
+    updates = jax.tree.map(lambda u: (-eta * u).astype(u.dtype), updates)
     state = state._replace(
         count=optax.safe_increment(count), k=k.astype(jnp.float32), k_learning_rate=eta,
         k_base_learning_rate=base, k_num_outputs=jnp.asarray(c, jnp.int32),

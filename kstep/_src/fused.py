@@ -191,7 +191,7 @@ def value_and_grad(
   options.check_group("guard", guard, Guard, optional=True)
   floor = options.resolve_trace_floor(trace_floor, loss) is not None
   pbs = estimate.probe_batch_size
-  iters = guard.power_iters if guard is not None else options.DEFAULT_POWER_ITERS
+  iters = options.guard_or_default(guard).power_iters
   mse = losses.resolve_loss("mse")
 
   def mean_loss(params: PyTree, batch: Any) -> Array:

@@ -134,6 +134,13 @@ class Guard:
                                "sets when the power steps run")
 
 
+def guard_or_default(guard: Guard | None) -> Guard:
+  """``guard``, or the default :class:`Guard` whose ``power_iters`` and ``refresh_every`` a
+  controller without a guard still uses (the fused probe's configuration, the trace floor's
+  refresh)."""
+  return Guard() if guard is None else guard
+
+
 def check_group(name: str, value: Any, cls: type, optional: bool) -> None:
   """Raises ``ValueError`` unless ``value`` is a ``cls`` (or None where ``optional``)."""
   if value is None and optional:
