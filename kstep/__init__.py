@@ -1,4 +1,4 @@
-"""kstep: SGD that keeps its noise kernel norm K away from the stochastic edge of stability.
+"""kstep: SGD and Adam that keep their noise kernel norm K away from the stochastic edge of stability.
 
 The public API is what this module exports, and ``kstep.flax`` (flax linen's ``TrainState``
 for kstep; imports flax when used); everything under ``kstep._src`` is private.
@@ -37,6 +37,14 @@ from kstep._src.noise_kernel import (
     second_moment_growth,
 )
 from kstep._src.options import Estimate, Guard, curvature_edge
+from kstep._src.preconditioned import (
+    PreconditionedKControlState,
+    Preconditioner,
+    adam_preconditioner,
+    k_controlled_adam,
+    rms_preconditioner,
+    scale_by_preconditioned_k_control,
+)
 from kstep._src.stats import stats
 
 __version__ = "0.1.0"

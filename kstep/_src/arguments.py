@@ -182,3 +182,24 @@ def band_decay_fn(decay_steps: Any) -> Callable[[Array], Array] | None:
     raise ValueError("`decay_steps` must be an integer >= 1, an optax schedule of the update "
                      f"count or None; got {decay_steps!r}.")
   return optax.cosine_decay_schedule(1.0, int(decay_steps))
+
+
+def check_call(params: Any, extra_args: dict) -> tuple[Any, Any]:
+  """``(params, batch)`` of a controller's ``update`` call.
+
+  Raises:
+    ValueError: ``batch=`` or ``params`` missing, naming the way to pass them.
+  """
+  batch = extra_args.get("batch")
+  if batch is None:
+    raise ValueError(
+        "kstep's K controller estimates K on the batch the gradients came from: call "
+        "`opt.update(grads, state, params, batch=batch)` (inside optax.chain the keyword is "
+        "forwarded; with flax nnx, `optimizer.update(model, grads, batch=batch)`; with a flax "
+        "linen TrainState, use kstep.flax.TrainState and `state.apply_gradients(grads=grads, "
+        "batch=batch)`)."
+    )
+  if params is None:
+    raise ValueError("kstep's K controller needs `params`: opt.update(grads, state, params, "
+                     "batch=batch).")
+  return params, batch

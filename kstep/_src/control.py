@@ -89,6 +89,29 @@ def scale_by_k_control(
     ...                   kstep.scale_by_k_control(0.1, apply_fn=lambda p, b: b @ p,
     ...                                            momentum=0.5))
   """
+  init_fn, step = build(
+      learning_rate, apply_fn=apply_fn, loss=loss, target=target, decay_steps=decay_steps,
+      momentum=momentum, nesterov=nesterov, batch_size=batch_size, max_scale=max_scale,
+      trace_floor=trace_floor, estimate=estimate, guard=guard, axis_name=axis_name)
+
+  def update_fn(updates, state: ScaleByKControlState, params=None, **extra_args):
+    params, batch = arguments.check_call(params, extra_args)
+    return step(updates, state, params, batch, extra_args.get("probe"))
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def build(learning_rate, *, apply_fn, loss, target, decay_steps, momentum, nesterov, batch_size,
+          max_scale, trace_floor, estimate, guard, axis_name, ema: bool = False):
+  """The controller's ``init`` and its step ``step(updates, state, params, batch, probe,
+  inv_sqrt=None)``, arguments checked (see :func:`scale_by_k_control`).
+
+  ``ema``: the momentum μ before the controller is an EMA (Adam's ``m``, step η(1 − μ) in
+  heavy-ball terms): K = η S / (2B) and the curvature edge E(μ)/(1 − μ). ``inv_sqrt``: a
+  function returning ``P^{-1/2}`` of a diagonal preconditioner, called only inside the estimate;
+  K and λ_max are then those of the preconditioned kernel (``docs/design.md``, "Adaptive
+  optimizers").
+  """
   arguments.check_learning_rate(learning_rate, optional=False)
   arguments.check_callable("apply_fn", apply_fn, "apply_fn(params, batch) -> outputs")
   spec = losses.resolve_loss(loss)
@@ -134,7 +157,8 @@ def scale_by_k_control(
         gn_eigenvector=vector, next_estimate=jnp.asarray(control_state.COLD, jnp.int32),
     )
 
-  def measure(state: ScaleByKControlState, params: Any, batch: Any, cold: bool, full: bool):
+  def measure(state: ScaleByKControlState, params: Any, batch: Any, cold: bool, full: bool,
+              inv_sqrt: Callable[[], Any] | None):
     # The first valid estimate sets S̄ alone, so it gets the whole batch, FIRST_PROBES times the
     # probes and FIRST_POWER_ITERS power steps (one probe's spread is ~40% of T at init).
     if not cold:
@@ -148,20 +172,21 @@ def scale_by_k_control(
         power_iters=FIRST_POWER_ITERS if cold else power_iters,
         ntk_scale=None if full or trace_floor is None else state.k_ntk_scale,
         axis_name=axis_name, probe_scope=probe_scope,
+        inv_sqrt=None if inv_sqrt is None else inv_sqrt(),
     )
 
   def estimate(state: ScaleByKControlState, params: Any, batch: Any, probe: Any,
-               c: int) -> ScaleByKControlState:
+               c: int, inv_sqrt: Callable[[], Any] | None) -> ScaleByKControlState:
     # state.next_estimate, set by the last update: the first (cold) estimate, a full one (power
     # steps, the floor's probe) or a light one reusing λ̄, the vector and the floor's NTK scale.
     # Each branch absorbs its own estimate, so a light one never touches the guard's vector.
     absorb = lambda est, first, full: control_state.absorb(
         state, est, first=first, full=full, guard=guard, smoothing=smoothing,
         max_change=max_change)
-    branches = [lambda: absorb(measure(state, params, batch, True, True), True, True)]
+    branches = [lambda: absorb(measure(state, params, batch, True, True, inv_sqrt), True, True)]
     if probe is None:
-      branches.append(lambda: absorb(measure(state, params, batch, False, True), False, True))
-      branches.append(lambda: absorb(measure(state, params, batch, False, False), False, False))
+      branches.append(lambda: absorb(measure(state, params, batch, False, True, inv_sqrt), False, True))
+      branches.append(lambda: absorb(measure(state, params, batch, False, False, inv_sqrt), False, False))
     else:
       from_probe = lambda full: absorb(fused.estimate_from_probe(
           probe, state, full=full, num_outputs=c, output_norm=norm, trace_floor=trace_floor),
@@ -174,29 +199,20 @@ def scale_by_k_control(
     index = jnp.where(mode == control_state.COLD, 0, jnp.where(mode == control_state.FULL, 1, 2))
     return jax.lax.switch(index, branches)
 
-  def update_fn(updates, state: ScaleByKControlState, params=None, **extra_args):
-    batch = extra_args.get("batch")
-    if batch is None:
-      raise ValueError(
-          "kstep's K controller estimates K on the batch the gradients came from: call "
-          "`opt.update(grads, state, params, batch=batch)` (inside optax.chain the keyword is "
-          "forwarded; with flax nnx, `optimizer.update(model, grads, batch=batch)`; with a flax "
-          "linen TrainState, use kstep.flax.TrainState and `state.apply_gradients(grads=grads, "
-          "batch=batch)`)."
-      )
-    if params is None:
-      raise ValueError("kstep's K controller needs `params`: opt.update(grads, state, params, "
-                       "batch=batch).")
+  def step(updates, state: ScaleByKControlState, params, batch, probe, inv_sqrt=None):
     arguments.check_real_params(params, "k_controlled_sgd")
     b, c = k_estimate.batch_rows(apply_fn, params, batch, batch_size, axis_name=axis_name)
-    probe = extra_args.get("probe")
+    if probe is not None and inv_sqrt is not None:
+      raise ValueError("kstep.value_and_grad's fused probe measures the unpreconditioned kernel; "
+                       "an adaptive controller (kstep.k_controlled_adam) estimates on its own: "
+                       "call update without `probe=`.")
     if probe is not None:
       fused.check_probe(probe, loss=spec, trace_floor=trace_floor, num_probes=num_probes,
                         power_iters=power_iters, probe_batch_size=probe_batch_size,
                         estimator=estimator, output_norm=norm, axis_name=axis_name)
     state = jax.lax.cond(
         periodic.due(state.count, every, updates),  # after the backward pass
-        lambda s: estimate(s, params, batch, probe, c), lambda s: s, state,
+        lambda s: estimate(s, params, batch, probe, c, inv_sqrt), lambda s: s, state,
     )
     count = state.count
     base = arguments.schedule_value(learning_rate, count)
@@ -205,7 +221,7 @@ def scale_by_k_control(
     if decay_fn is not None:
       d = arguments.schedule_value(decay_fn, count)
       lo, hi = d * lo, d * hi
-    alpha = 1.0 - jnp.asarray(momentum, jnp.float32)
+    alpha = 1.0 if ema else 1.0 - jnp.asarray(momentum, jnp.float32)
     has_scale = state.k_num_estimates > 0
     eta_one = 2.0 * alpha * b / jnp.where(has_scale, state.k_scale, 1.0)
     eta = jnp.where(has_scale, jnp.clip(base, lo * eta_one, hi * eta_one), base)
@@ -214,13 +230,14 @@ def scale_by_k_control(
     capped = jnp.bool_(False)
     ratio = jnp.full((), jnp.nan, jnp.float32)
     if guard:
-      edge = curvature_edge(momentum, nesterov)
+      edge = curvature_edge(momentum, nesterov, ema)
       has_lam = jnp.isfinite(state.gn_lambda_max)
       cap = guard_ratio * edge / jnp.where(has_lam, state.gn_lambda_max, 1.0)
       capped = has_lam & (eta > cap)
       eta = jnp.where(capped, cap, eta)
       ratio = jnp.where(has_lam, eta * state.gn_lambda_max / edge, jnp.nan)
-    k = jnp.where(has_scale, noise_kernel.k_from_trace(eta, b, state.k_scale, momentum), jnp.nan)
+    k = jnp.where(has_scale, noise_kernel.k_from_trace(
+        eta, b, state.k_scale, 0.0 if ema else momentum), jnp.nan)
     updates = jax.tree.map(lambda u: (-eta * u).astype(u.dtype), updates)
     state = state._replace(
         count=optax.safe_increment(count), k=k.astype(jnp.float32), k_learning_rate=eta,
@@ -234,7 +251,7 @@ def scale_by_k_control(
     return updates, state._replace(next_estimate=control_state.next_estimate(
         state, every=every, refresh_every=refresh_every, near=near))
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return init_fn, step
 
 
 def k_controlled_sgd(

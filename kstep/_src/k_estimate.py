@@ -208,6 +208,7 @@ def estimate(
     ntk_scale: Any = None,
     axis_name: AxisName = None,
     probe_scope: str = "global",
+    inv_sqrt: PyTree | None = None,
 ) -> KEstimate:
   """T̂, Ŝ and (with ``eigenvector``) the Gauss–Newton λ_max on ``batch``; see the module doc.
 
@@ -216,8 +217,14 @@ def estimate(
   pairs and one JVP with ``eigenvector``.
   ``estimator="exact"`` replaces the probes by B per-example Jacobians. A given ``ntk_scale``
   (with ``trace_floor``; an earlier estimate's) replaces the floor's probe.
+  ``inv_sqrt``: ``P^{-1/2}`` of a diagonal preconditioner P (params-shaped); every quantity is
+  then that of the preconditioned model ``J P^{-1/2}`` (kernel ``J P⁻¹ Jᵀ``, Gauss–Newton
+  λ_max of ``P^{-1/2} G P^{-1/2}``, the eigenvector in its coordinates).
   """
-  lin = linearization.linearize(apply_fn, params, batch, axis_name=axis_name)
+  lin = linearization.precondition(
+      linearization.linearize(apply_fn, params, batch, axis_name=axis_name), inv_sqrt)
+  if estimator == "exact" and inv_sqrt is not None:
+    apply_fn, params = in_preconditioned_coordinates(apply_fn, params, inv_sqrt)
   c = lin.outputs.shape[1]
   mse = losses.resolve_loss("mse")
   ntk = None
@@ -257,6 +264,21 @@ def estimate(
     )
   return assemble(trace, scale, lam, eigenvector, num_outputs=c, output_norm=output_norm,
                   trace_floor=trace_floor, ntk_trace=ntk, ntk_scale=ntk_scale)
+
+
+def in_preconditioned_coordinates(apply_fn: Callable[[PyTree, Any], Array], params: PyTree,
+                                  inv_sqrt: PyTree) -> tuple[Callable[[PyTree, Any], Array], PyTree]:
+  """``apply_fn`` as a function of ``φ = P^{1/2} θ`` and the point φ (float32) for ``params``:
+  its Jacobian is ``J P^{-1/2}`` (for the exact estimator's per-example Jacobians)."""
+  dtypes = jax.tree.map(lambda x: x.dtype, params)
+  phi = jax.tree.map(lambda x, s: x.astype(jnp.float32) / s.astype(jnp.float32), params, inv_sqrt)
+
+  def apply_phi(p: PyTree, batch: Any) -> Array:
+    theta = jax.tree.map(lambda x, s, d: (x * s.astype(jnp.float32)).astype(d), p, inv_sqrt,
+                         dtypes)
+    return apply_fn(theta, batch)
+
+  return apply_phi, phi
 
 
 def assemble(trace: Array, scale: Array, lambda_max: Array, eigenvector: PyTree | None, *,

@@ -94,3 +94,16 @@ def num_rows(apply_fn: Callable[[PyTree, Any], Array], params: PyTree, batch: An
     c *= d
   b_total, _ = data_axis.global_rows(shape[0], axis_name)
   return b_total, c
+
+
+def precondition(lin: LinearizedModel, inv_sqrt: PyTree | None) -> LinearizedModel:
+  """``lin`` in the coordinates ``φ = P^{1/2} θ`` of a diagonal preconditioner P: the Jacobian
+  ``J P^{-1/2}``, given ``inv_sqrt = P^{-1/2}`` (params-shaped, positive). Its NTK is
+  ``J P⁻¹ Jᵀ`` and its Gauss–Newton matrix ``P^{-1/2} G P^{-1/2}`` (``docs/design.md``,
+  "Adaptive optimizers"); ``None`` returns ``lin`` unchanged. Costs one elementwise product
+  per JVP and per VJP."""
+  if inv_sqrt is None:
+    return lin
+  scale = lambda tree: jax.tree.map(
+      lambda x, s: (x.astype(jnp.float32) * s.astype(jnp.float32)).astype(x.dtype), tree, inv_sqrt)
+  return lin._replace(jvp=lambda v: lin.jvp(scale(v)), vjp=lambda u: scale(lin.vjp(u)))

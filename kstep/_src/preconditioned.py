@@ -1,0 +1,353 @@
+"""K control for adaptive optimizers: the controller after a diagonal preconditioner.
+
+Adam's update ``θ ← θ − η P⁻¹ m̂`` is, in the coordinates ``φ = P^{1/2} θ`` and over the steps in
+which P changes slowly, momentum SGD on a model with Jacobian ``J P^{-1/2}``: its noise kernel is
+``J P⁻¹ Jᵀ`` and its curvature ``P^{-1/2} G P^{-1/2}`` (``docs/design.md``, "Adaptive
+optimizers"). :func:`scale_by_preconditioned_k_control` runs a preconditioner's transform
+(``optax.scale_by_adam``, ``optax.scale_by_rms``, …), reads P from that transform's own state
+after its update (no second P-sized buffer) and hands the preconditioned updates to the K
+controller, which estimates K and λ_max of the preconditioned model. :func:`k_controlled_adam` is
+the AdamW form users call.
+"""
+
+import dataclasses
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from kstep._src import arguments, control
+from kstep._src.control_state import ScaleByKControlState
+from kstep._src.estimators.data_axis import AxisName
+from kstep._src.options import Estimate, Guard
+
+Array = jax.Array
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Preconditioner:
+  """A diagonal preconditioner for :func:`scale_by_preconditioned_k_control`.
+
+  Attributes:
+    transform: the optax transformation that turns gradients into ``P⁻¹``-scaled updates (with
+      its momentum, if any), e.g. ``optax.scale_by_adam(...)``; it may end in a chain with
+      decoupled weight decay.
+    diagonal: ``diagonal(state) -> P``: P's diagonal (params-shaped, positive) from
+      ``transform``'s state after its update.
+    momentum: μ of the momentum inside ``transform``, in [0, 1) (0.0: none).
+    ema: whether that momentum is an EMA, ``m ← μ m + (1 − μ) g`` (Adam's), rather than heavy
+      ball ``m ← μ m + g`` (``optax.trace``).
+
+  Example:
+    >>> import kstep
+    >>> kstep.adam_preconditioner(b1=0.9).momentum
+    0.9
+  """
+
+  transform: optax.GradientTransformation
+  diagonal: Callable[[Any], PyTree]
+  momentum: float = 0.0
+  ema: bool = False
+
+  def __post_init__(self):
+    if not isinstance(self.transform, optax.GradientTransformation):
+      raise ValueError("`Preconditioner.transform` must be an optax.GradientTransformation; got "
+                       f"{self.transform!r}.")
+    arguments.check_callable("Preconditioner.diagonal", self.diagonal, "diagonal(state) -> P")
+    _check_unit("Preconditioner.momentum", self.momentum)
+    if not isinstance(self.ema, bool):
+      raise ValueError(f"`Preconditioner.ema` must be a bool; got {self.ema!r}.")
+
+
+def adam_preconditioner(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+                        eps_root: float = 0.0) -> Preconditioner:
+  r"""Adam's preconditioner: ``optax.scale_by_adam`` and its ``P = \sqrt{\hat v + ε_{root}} + ε``.
+
+  Args:
+    b1: β₁ in [0, 1), the EMA of gradients (the controller's momentum, an EMA).
+    b2: β₂ in [0, 1), the EMA of squared gradients behind ``v̂`` (bias-corrected).
+    eps: ε ≥ 0 added to ``√v̂``.
+    eps_root: ε_root ≥ 0 added to ``v̂`` inside the root.
+
+  Returns:
+    A :class:`kstep.Preconditioner` with ``momentum=b1, ema=True``.
+
+  Example:
+    >>> import kstep
+    >>> kstep.adam_preconditioner().ema
+    True
+  """
+  _check_unit("b1", b1)
+  _check_unit("b2", b2)
+  _check_nonnegative("eps", eps)
+  _check_nonnegative("eps_root", eps_root)
+
+  def diagonal(state: optax.ScaleByAdamState) -> PyTree:
+    nu_hat = optax.tree.bias_correction(state.nu, b2, state.count)
+    return jax.tree.map(lambda v: jnp.sqrt(v.astype(jnp.float32) + eps_root) + eps, nu_hat)
+
+  return Preconditioner(optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root), diagonal,
+                        momentum=b1, ema=True)
+
+
+def rms_preconditioner(decay: float = 0.9, eps: float = 1e-8, *,
+                       bias_correction: bool = False) -> Preconditioner:
+  r"""RMSprop's preconditioner: ``optax.scale_by_rms`` (ε outside the root) and
+  ``P = \sqrt{\hat v} + ε``; no momentum (put the controller's own momentum in a chain before).
+
+  Args:
+    decay: the EMA coefficient of squared gradients, in [0, 1).
+    eps: ε ≥ 0 added to ``√v̂``.
+    bias_correction: whether ``v̂`` is bias-corrected (as optax's ``bias_correction``).
+
+  Returns:
+    A :class:`kstep.Preconditioner` without momentum.
+
+  Example:
+    >>> import kstep
+    >>> kstep.rms_preconditioner(0.99).momentum
+    0.0
+  """
+  _check_unit("decay", decay)
+  _check_nonnegative("eps", eps)
+  if not isinstance(bias_correction, bool):
+    raise ValueError(f"`bias_correction` must be a bool; got {bias_correction!r}.")
+
+  def diagonal(state: Any) -> PyTree:
+    nu = state.nu
+    if bias_correction:
+      nu = optax.tree.bias_correction(nu, decay, state.count)
+    return jax.tree.map(lambda v: jnp.sqrt(v.astype(jnp.float32)) + eps, nu)
+
+  transform = optax.scale_by_rms(decay=decay, eps=eps, eps_in_sqrt=False,
+                                 bias_correction=bias_correction)
+  return Preconditioner(transform, diagonal)
+
+
+def _check_unit(name: str, value: Any) -> None:
+  if arguments.is_traced_scalar(value):  # injected (checked at init)
+    return
+  if not (arguments.is_number(value) and 0.0 <= float(value) < 1.0):
+    raise ValueError(f"`{name}` must be a number in [0, 1); got {value!r}.")
+
+
+def _check_nonnegative(name: str, value: Any) -> None:
+  if arguments.is_traced_scalar(value):
+    return
+  if not (arguments.is_number(value) and float(value) >= 0.0):
+    raise ValueError(f"`{name}` must be a number >= 0; got {value!r}.")
+
+
+class PreconditionedKControlState(NamedTuple):
+  """State of :func:`scale_by_preconditioned_k_control`.
+
+  Attributes:
+    preconditioner: the preconditioner transform's own state (Adam's ``mu``, ``nu``, …).
+    control: the K controller's :class:`kstep.ScaleByKControlState`.
+  """
+
+  preconditioner: Any
+  control: ScaleByKControlState
+
+
+# In the estimate P is floored per leaf at this fraction of the leaf's mean (docs/design.md,
+# "Adaptive optimizers": where v̂ is far below a coordinate's own gradient scale, Adam's P adapts
+# within a step and the frozen-P kernel would count 1/ε).
+DIAGONAL_FLOOR = 0.1
+
+
+def inverse_sqrt(diagonal: PyTree, floor: float = DIAGONAL_FLOOR) -> PyTree:
+  """``P^{-1/2}`` in float32 with each leaf of P floored at ``floor`` times its mean (and at
+  float32's smallest normal number, so a zero P gives a large finite weight, not inf·0 = NaN)."""
+  tiny = jnp.finfo(jnp.float32).tiny
+
+  def one(p: Array) -> Array:
+    p = p.astype(jnp.float32)
+    return jax.lax.rsqrt(jnp.maximum(p, jnp.maximum(floor * jnp.mean(p), tiny)))
+
+  return jax.tree.map(one, diagonal)
+
+
+def scale_by_preconditioned_k_control(
+    preconditioner: Preconditioner,
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    apply_fn: Callable[[Any, Any], Array],
+    loss: str | Callable[..., Array] = "mse",
+    target: tuple[optax.ScalarOrSchedule, optax.ScalarOrSchedule] | None = None,
+    decay_steps: int | optax.Schedule | None = None,
+    batch_size: int | None = None,
+    max_scale: float | None = None,
+    trace_floor: float | str | None = "auto",
+    estimate: Estimate = Estimate(),
+    guard: Guard | None = Guard(),
+    axis_name: AxisName = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""A diagonal preconditioner followed by the K controller of its preconditioned kernel.
+
+  With ``P`` the preconditioner's diagonal at the step being taken and μ its momentum, K and the
+  curvature edge are those of momentum SGD in the coordinates ``φ = P^{1/2} θ``
+  (``docs/design.md``, "Adaptive optimizers"):
+
+  .. math::
+    K_P = \frac{\eta\, S_P}{2 \alpha B}, \qquad \eta\,\lambda_{max}(P^{-1} G) < E_P,
+
+  S_P the per-example trace of ``H J P⁻¹ Jᵀ`` (per output for MSE), α = 1 for an EMA momentum
+  (Adam: ``E_P = 2(1 + β₁)/(1 − β₁)``) and α = 1 − μ, ``E_P = 2(1 + μ)`` for heavy ball. The
+  step is chosen as by :func:`kstep.k_controlled_sgd`; estimates cost what they cost there, one
+  elementwise product by ``P^{-1/2}`` more per JVP and VJP.
+
+  Args:
+    preconditioner: a :class:`kstep.Preconditioner` (:func:`kstep.adam_preconditioner`,
+      :func:`kstep.rms_preconditioner` or your own).
+    learning_rate: the base LR η_base > 0 (float or schedule) the controller moves into the band.
+    apply_fn: ``apply_fn(params, batch) -> outputs`` ``(B, ...)``, the model on the batch.
+    loss: as for :func:`kstep.k_controlled_sgd`.
+    target: the K_P band ``(lo, hi)``; ``None``: the loss's default.
+    decay_steps: the band's annealing, as for :func:`kstep.k_controlled_sgd`.
+    batch_size: B; ``None`` reads it from the outputs.
+    max_scale: if given (> 0), the step never exceeds ``max_scale · η_base``.
+    trace_floor: ρ ≥ 0, ``"auto"`` or ``None``, on the preconditioned traces.
+    estimate: a :class:`kstep.Estimate` (the fused ``probe=`` is not supported here).
+    guard: a :class:`kstep.Guard` on ``η·λ_max(P⁻¹G) ≤ r·E_P``, or ``None``.
+    axis_name: the batch's axis inside ``shard_map``/``pmap``.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` with state
+    :class:`kstep.PreconditionedKControlState`; ``update(grads, state, params, batch=batch)``.
+
+  Raises:
+    ValueError: at construction, naming the argument that is out of range.
+
+  Example:
+    >>> import jax.numpy as jnp, kstep
+    >>> opt = kstep.scale_by_preconditioned_k_control(
+    ...     kstep.rms_preconditioner(0.99), 1e-3, apply_fn=lambda p, b: b @ p)
+    >>> state = opt.init(jnp.zeros((3, 2)))
+
+  References:
+    Cohen et al., `Adaptive gradient methods at the edge of stability
+    <https://arxiv.org/abs/2207.14484>`_, 2022.
+
+    Agarwala & Pennington, `High dimensional analysis reveals conservative sharpening and a
+    stochastic edge of stability <https://arxiv.org/abs/2404.19261>`_, 2024.
+  """
+  if not isinstance(preconditioner, Preconditioner):
+    raise ValueError("`preconditioner` must be a kstep.Preconditioner (e.g. "
+                     f"kstep.adam_preconditioner()); got {preconditioner!r}.")
+  inner = optax.with_extra_args_support(preconditioner.transform)
+  ctrl_init, step = control.build(
+      learning_rate, apply_fn=apply_fn, loss=loss, target=target, decay_steps=decay_steps,
+      momentum=preconditioner.momentum, nesterov=False, batch_size=batch_size,
+      max_scale=max_scale, trace_floor=trace_floor, estimate=estimate, guard=guard,
+      axis_name=axis_name, ema=preconditioner.ema)
+
+  def init_fn(params: PyTree) -> PreconditionedKControlState:
+    return PreconditionedKControlState(inner.init(params), ctrl_init(params))
+
+  def update_fn(updates, state: PreconditionedKControlState, params=None, **extra_args):
+    params, batch = arguments.check_call(params, extra_args)
+    updates, inner_state = inner.update(updates, state.preconditioner, params, **extra_args)
+    inv_sqrt = lambda: inverse_sqrt(preconditioner.diagonal(inner_state))
+    updates, ctrl = step(updates, state.control, params, batch, extra_args.get("probe"),
+                         inv_sqrt)
+    return updates, PreconditionedKControlState(inner_state, ctrl)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def k_controlled_adam(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    apply_fn: Callable[[Any, Any], Array],
+    loss: str | Callable[..., Array] = "mse",
+    target: tuple[optax.ScalarOrSchedule, optax.ScalarOrSchedule] | None = None,
+    decay_steps: int | optax.Schedule | None = None,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float | None = None,
+    batch_size: int | None = None,
+    trace_floor: float | str | None = "auto",
+    estimate: Estimate = Estimate(),
+    guard: Guard | None = Guard(),
+    axis_name: AxisName = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""AdamW whose step keeps the preconditioned noise kernel norm K_P in a band below 1.
+
+  Adam's update ``θ ← θ − η P⁻¹ m̂``, ``P = diag(√v̂ + ε)``, is momentum SGD in ``φ = P^{1/2} θ``
+  with kernel ``J P⁻¹ Jᵀ`` (``docs/design.md``, "Adaptive optimizers"). The EMA momentum m has
+  heavy-ball step η(1 − β₁), so
+
+  .. math::
+    K_P = \frac{\eta\, S_P}{2 B}, \qquad
+    \eta\, \lambda_{max}(P^{-1} G) < \frac{2 (1 + \beta_1)}{1 - \beta_1},
+
+  S_P the per-example trace of ``H J P⁻¹ Jᵀ`` (per output for MSE), read with P from Adam's own
+  second moment at the step being taken. The step is then chosen as by
+  :func:`kstep.k_controlled_sgd` (band, annealing, guard). The optimizer is
+  :func:`kstep.scale_by_preconditioned_k_control` with the preconditioner
+  ``optax.chain(optax.scale_by_adam(b1, b2, eps), optax.add_decayed_weights(weight_decay))``:
+  ``optax.adamw`` with its learning-rate scaling replaced by the controller.
+
+  Args:
+    learning_rate: the base LR η_base > 0, a float or an optax schedule, moved into the band.
+    apply_fn: ``apply_fn(params, batch) -> outputs`` of shape ``(B, C)`` or ``(B, ...)``.
+    loss: as for :func:`kstep.k_controlled_sgd`.
+    target: the K_P band ``(lo, hi)``; ``None``: the loss's default (as for SGD).
+    decay_steps: the band's annealing, as for :func:`kstep.k_controlled_sgd`.
+    b1: β₁ in [0, 1), Adam's first-moment EMA (sets the edge ``2(1 + β₁)/(1 − β₁)``).
+    b2: β₂ in [0, 1), Adam's second-moment EMA.
+    eps: ε ≥ 0 added to ``√v̂``.
+    weight_decay: decoupled weight decay ≥ 0 (as ``optax.adamw``, scaled by the step);
+      ``None``: none.
+    batch_size: B; ``None`` reads it from the outputs (effective batch under accumulation).
+    trace_floor: ρ ≥ 0, ``"auto"`` or ``None``, as for SGD, on the preconditioned traces.
+    estimate: a :class:`kstep.Estimate` (the fused ``probe=`` is not supported here).
+    guard: a :class:`kstep.Guard` on ``η·λ_max(P⁻¹G)``, or ``None``.
+    axis_name: the batch's axis inside ``shard_map``/``pmap``.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose ``update(grads, state, params,
+    batch=batch)`` needs the batch; :func:`kstep.stats` reads K_P (``k``), ``k_learning_rate``,
+    ``sharpness_ratio`` (against ``2(1 + β₁)/(1 − β₁)``) and the rest.
+
+  Raises:
+    ValueError: at construction, naming the argument that is out of range.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, kstep
+    >>> apply_fn = lambda p, batch: batch["x"] @ p["w"]
+    >>> params = {"w": jnp.zeros((3, 2))}
+    >>> batch = {"x": jnp.ones((4, 3)), "y": jnp.ones((4, 2))}
+    >>> loss_fn = lambda p, b: 0.5 * jnp.mean(jnp.sum((apply_fn(p, b) - b["y"]) ** 2, -1))
+    >>> opt = kstep.k_controlled_adam(1.0, apply_fn=apply_fn, decay_steps=100)
+    >>> state = opt.init(params)
+    >>> grads = jax.grad(loss_fn)(params, batch)
+    >>> updates, state = opt.update(grads, state, params, batch=batch)
+    >>> round(float(kstep.stats(state)["k"]), 3)  # lowered to the band's top
+    0.4
+
+  References:
+    Cohen et al., `Adaptive gradient methods at the edge of stability
+    <https://arxiv.org/abs/2207.14484>`_, 2022.
+
+    Agarwala & Pennington, `High dimensional analysis reveals conservative sharpening and a
+    stochastic edge of stability <https://arxiv.org/abs/2404.19261>`_, 2024.
+
+    Loshchilov & Hutter, `Decoupled weight decay regularization
+    <https://arxiv.org/abs/1711.05101>`_, ICLR 2019.
+  """
+  if weight_decay is not None and arguments.is_number(weight_decay) and float(weight_decay) < 0:
+    raise ValueError(f"`weight_decay` must be >= 0 or None; got {weight_decay!r}.")
+  adam = adam_preconditioner(b1=b1, b2=b2, eps=eps)
+  if weight_decay is not None:
+    adam = dataclasses.replace(
+        adam, transform=optax.chain(adam.transform, optax.add_decayed_weights(weight_decay)),
+        diagonal=lambda state, read=adam.diagonal: read(state[0]))
+  return scale_by_preconditioned_k_control(
+      adam, learning_rate, apply_fn=apply_fn, loss=loss, target=target, decay_steps=decay_steps,
+      batch_size=batch_size, trace_floor=trace_floor, estimate=estimate, guard=guard,
+      axis_name=axis_name)
