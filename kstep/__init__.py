@@ -1,4 +1,4 @@
-"""kstep: SGD and Adam that keep their noise kernel norm K away from the stochastic edge of stability.
+"""kstep: SGD and Adam that keep their noise kernel norm K away from the stochastic edge.
 
 The public API is what this module exports, and ``kstep.flax`` (flax linen's ``TrainState``
 for kstep; imports flax when used); everything under ``kstep._src`` is private.
@@ -31,20 +31,19 @@ from kstep._src.estimators import (
 from kstep._src.fused import FusedProbe, value_and_grad
 from kstep._src.hyperparams import inject_hyperparams
 from kstep._src.noise_kernel import (
+    curvature_edge,
     k_exact,
     k_from_trace,
     k_high_dim,
     second_moment_growth,
 )
-from kstep._src.options import Estimate, Guard, curvature_edge
+from kstep._src.options import Estimate, Guard
 from kstep._src.preconditioned import (
     PreconditionedKControlState,
-    Preconditioner,
-    adam_preconditioner,
     k_controlled_adam,
-    rms_preconditioner,
     scale_by_preconditioned_k_control,
 )
+from kstep._src.preconditioners import Preconditioner, adam_preconditioner, rms_preconditioner
 from kstep._src.stats import stats
 
 __version__ = "0.1.0"

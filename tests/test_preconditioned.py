@@ -282,3 +282,72 @@ def test_adam_controller_trains_at_any_base_lr_without_host_transfers():
   start = float(loss_fn(params0, batch))
   assert max(finals) < 0.5 * start, (start, finals)
   assert max(finals) / min(finals) < 2.0, finals  # the base LR barely matters
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 0.9])
+def test_ema_curvature_edge_matches_ema_momentum_on_a_quadratic(beta):
+  """``m ← β m + (1 − β) λθ``, ``θ ← θ − η m`` (optax.ema without debiasing): stable at 0.98 of
+  ``curvature_edge(β, ema=True)/λ``, divergent at 1.02."""
+  lam = 3.0
+  edge = float(kstep.curvature_edge(beta, ema=True))
+  assert edge == pytest.approx(2 * (1 + beta) / (1 - beta), rel=1e-6)
+
+  def diverges(eta):
+    opt = optax.chain(optax.ema(beta, debias=False), optax.scale(-eta))
+    theta, state = jnp.ones(()), opt.init(jnp.ones(()))
+
+    def body(carry, _):
+      th, st = carry
+      u, st = opt.update(lam * th, st, th)
+      return (th + u, st), None
+
+    (theta, _), _ = jax.lax.scan(body, (theta, state), None, length=3000)
+    return not bool(jnp.abs(theta) < 1.0)
+
+  assert not diverges(0.98 * edge / lam)
+  assert diverges(1.02 * edge / lam)
+
+
+# ------------------------------------------------------------------------------------------------
+# The diagnostics with Adam's preconditioner.
+
+
+def test_trackers_measure_the_preconditioned_kernel_and_curvature():
+  params, batch, _ = _problem(seed=5)
+  loss_fn = lambda p, b: 0.5 * jnp.mean(jnp.sum((_mlp(p, b) - b["y"]) ** 2, -1))
+  b1, b2, eps, lr = 0.9, 0.99, 1e-3, 1e-2
+  opt = optax.chain(
+      kstep.track_k(_mlp, learning_rate=lr, estimator="exact", every=1, decay=0.0,
+                    preconditioner=kstep.adam_preconditioner(b1, b2, eps)),
+      optax.scale_by_learning_rate(lr))
+  lam_opt = optax.chain(
+      kstep.track_lambda_max(loss_fn, every=1, learning_rate=lr, num_iters=40,
+                             preconditioner=kstep.adam_preconditioner(b1, b2, eps)),
+      optax.scale_by_learning_rate(lr))
+  ref = optax.adam(lr, b1=b1, b2=b2, eps=eps)
+  state, lam_state, ref_state = opt.init(params), lam_opt.init(params), ref.init(params)
+  grads_seq = []
+  for _ in range(2):
+    grads = jax.grad(loss_fn)(params, batch)
+    grads_seq.append(grads)
+    diag = ravel_pytree(params)[1](jnp.asarray(_adam_diag(grads_seq, b2, eps), jnp.float32))
+    trace, _ = _dense(params, batch, diag, "mse")
+    u, state = opt.update(grads, state, params, batch=batch)
+    _, lam_state = lam_opt.update(grads, lam_state, params, batch=batch)
+    v, ref_state = ref.update(grads, ref_state, params)
+    np.testing.assert_allclose(ravel_pytree(u)[0], ravel_pytree(v)[0], rtol=1e-5, atol=1e-9)
+    # The Hessian (not Gauss–Newton) in φ: eigh of P^{-1/2} H P^{-1/2}, dense.
+    flat, unravel = ravel_pytree(params)
+    h = np.asarray(jax.hessian(lambda f: loss_fn(unravel(f), batch))(flat), np.float64)
+    s = 1 / np.sqrt(np.asarray(ravel_pytree(diag)[0], np.float64))
+    lam = np.linalg.eigh(s[:, None] * h * s[None, :])[0][-1]
+    params = optax.apply_updates(params, u)
+  st = kstep.stats(state)
+  assert float(st["k_trace"]) == pytest.approx(trace, rel=1e-4)
+  assert float(st["k"]) == pytest.approx(lr * trace / 3 / (2 * 12), rel=1e-4)  # α = 1 (EMA)
+  ls = kstep.stats(lam_state)
+  assert float(ls["lambda_max"]) == pytest.approx(lam, rel=1e-3)
+  assert float(ls["lambda_max_edge_ratio"]) == pytest.approx(lr * lam / 38.0, rel=1e-3)
+  with pytest.raises(ValueError, match="`momentum` must be 0"):
+    kstep.track_k(_mlp, learning_rate=lr, momentum=0.9,
+                  preconditioner=kstep.adam_preconditioner())

@@ -183,10 +183,10 @@ def build(learning_rate, *, apply_fn, loss, target, decay_steps, momentum, neste
     absorb = lambda est, first, full: control_state.absorb(
         state, est, first=first, full=full, guard=guard, smoothing=smoothing,
         max_change=max_change)
-    branches = [lambda: absorb(measure(state, params, batch, True, True, inv_sqrt), True, True)]
+    own = lambda cold, full: absorb(measure(state, params, batch, cold, full, inv_sqrt), cold, full)
+    branches = [lambda: own(True, True)]
     if probe is None:
-      branches.append(lambda: absorb(measure(state, params, batch, False, True, inv_sqrt), False, True))
-      branches.append(lambda: absorb(measure(state, params, batch, False, False, inv_sqrt), False, False))
+      branches += [lambda: own(False, True), lambda: own(False, False)]
     else:
       from_probe = lambda full: absorb(fused.estimate_from_probe(
           probe, state, full=full, num_outputs=c, output_norm=norm, trace_floor=trace_floor),

@@ -266,8 +266,9 @@ def estimate(
                   trace_floor=trace_floor, ntk_trace=ntk, ntk_scale=ntk_scale)
 
 
-def in_preconditioned_coordinates(apply_fn: Callable[[PyTree, Any], Array], params: PyTree,
-                                  inv_sqrt: PyTree) -> tuple[Callable[[PyTree, Any], Array], PyTree]:
+def in_preconditioned_coordinates(
+    apply_fn: Callable[[PyTree, Any], Array], params: PyTree, inv_sqrt: PyTree
+) -> tuple[Callable[[PyTree, Any], Array], PyTree]:
   """``apply_fn`` as a function of ``φ = P^{1/2} θ`` and the point φ (float32) for ``params``:
   its Jacobian is ``J P^{-1/2}`` (for the exact estimator's per-example Jacobians)."""
   dtypes = jax.tree.map(lambda x: x.dtype, params)

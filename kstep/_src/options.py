@@ -9,9 +9,9 @@ import dataclasses
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
 from kstep._src import arguments, estimators, k_estimate
+from kstep._src.noise_kernel import curvature_edge  # noqa: F401  (the controller's edge)
 
 Array = jax.Array
 
@@ -148,41 +148,6 @@ def check_group(name: str, value: Any, cls: type, optional: bool) -> None:
   if not isinstance(value, cls):
     none = " or None" if optional else ""
     raise ValueError(f"`{name}` must be a kstep.{cls.__name__}(...){none}; got {value!r}.")
-
-
-def curvature_edge(momentum: Any, nesterov: bool = False, ema: bool = False) -> Array:
-  """E(μ), the largest stable ``η·λ`` of momentum SGD on a quadratic.
-
-  .. math::
-    E(μ) = 2(1 + μ) \\text{ (heavy ball)}, \\qquad E(μ) = \\frac{2(1 + μ)}{1 + 2μ}
-    \\text{ (Nesterov, optax's form)}, \\qquad E(μ) = \\frac{2(1 + μ)}{1 - μ} \\text{ (EMA)}
-
-  The EMA form is Adam's (``m ← μ m + (1 − μ) g``, μ = β₁) in its preconditioned curvature
-  ``λ_max(P⁻¹G)``: 38 at β₁ = 0.9 (``docs/design.md``, "Adaptive optimizers").
-
-  Args:
-    momentum: μ in [0, 1) (a float or a scalar array).
-    nesterov: whether the momentum is Nesterov's (heavy-ball form only).
-    ema: whether the momentum is an EMA of gradients (Adam's β₁).
-
-  Returns:
-    E(μ) as a float32 scalar (2 for plain SGD).
-
-  Example:
-    >>> import kstep
-    >>> round(float(kstep.curvature_edge(0.9)), 4)
-    3.8
-
-  References:
-    Cohen et al., `Gradient descent on neural networks typically occurs at the edge of
-    stability <https://arxiv.org/abs/2103.00065>`_, 2021; ``docs/design.md``, "Two edges".
-  """
-  mu = jnp.asarray(momentum, jnp.float32)
-  if ema:
-    if nesterov:
-      raise ValueError("`curvature_edge`: `nesterov` and `ema` exclude each other.")
-    return 2.0 * (1.0 + mu) / (1.0 - mu)
-  return 2.0 * (1.0 + mu) / (1.0 + 2.0 * mu) if nesterov else 2.0 * (1.0 + mu)
 
 
 def _named_cross_entropy(loss: Any) -> bool:

@@ -10,8 +10,9 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 
-from kstep._src import arguments
+from kstep._src import arguments, preconditioners
 
 Array = jax.Array
 
@@ -120,3 +121,59 @@ def stderr_of_mean(m: Moments, var_sum: Array) -> Array:
   ok = denom > 1e-6 * m.w1 * m.w1
   se2 = jnp.maximum(var_sum, 0.0) * m.w2 / (m.w1 * jnp.where(ok, denom, 1.0))
   return jnp.where(ok, jnp.sqrt(se2), jnp.nan)
+
+
+class PreconditionedTrackerState(NamedTuple):
+  """State of a tracker given a ``preconditioner``: the preconditioner transform's own state
+  (Adam's ``mu``, ``nu``, …) and the tracker's."""
+
+  preconditioner: Any
+  tracker: Any
+
+
+def with_preconditioner(preconditioner: Any, init_fn, update_fn):
+  """An optax transformation from a tracker's ``init_fn`` and ``update_fn(updates, state,
+  params, extra_args, inv_sqrt)``.
+
+  Without a ``preconditioner`` (None) it passes the updates through and ``inv_sqrt`` is None.
+  With one, it runs the preconditioner's transform first (it *is* that link of the chain, e.g.
+  in place of ``optax.scale_by_adam``) and hands the tracker ``inv_sqrt``, a function returning
+  ``P^{-1/2}`` read from the transform's state after its update (called only inside a
+  measurement).
+
+  Raises:
+    ValueError: ``preconditioner`` is neither None nor a :class:`kstep.Preconditioner`.
+  """
+  if preconditioner is None:
+    return optax.GradientTransformationExtraArgs(
+        init_fn, lambda u, s, params=None, **extra: update_fn(u, s, params, extra, None))
+  if not isinstance(preconditioner, preconditioners.Preconditioner):
+    raise ValueError("`preconditioner` must be a kstep.Preconditioner (e.g. "
+                     f"kstep.adam_preconditioner()) or None; got {preconditioner!r}.")
+  inner = optax.with_extra_args_support(preconditioner.transform)
+
+  def init(params: Any) -> PreconditionedTrackerState:
+    return PreconditionedTrackerState(inner.init(params), init_fn(params))
+
+  def update(updates, state: PreconditionedTrackerState, params=None, **extra_args):
+    updates, inner_state = inner.update(updates, state.preconditioner, params, **extra_args)
+    inv_sqrt = lambda: preconditioners.inverse_sqrt(preconditioner.diagonal(inner_state))
+    updates, tracker = update_fn(updates, state.tracker, params, extra_args, inv_sqrt)
+    return updates, PreconditionedTrackerState(inner_state, tracker)
+
+  return optax.GradientTransformationExtraArgs(init, update)
+
+
+def momentum_and_ema(preconditioner: Any, momentum: Any) -> tuple[Any, bool]:
+  """The momentum the edges use: the preconditioner's where it has one (then ``momentum``
+  must be 0), else ``momentum``; and whether it is an EMA.
+
+  Raises:
+    ValueError: both are nonzero.
+  """
+  if preconditioner is None or float(preconditioner.momentum) == 0.0:
+    return momentum, False
+  if not (arguments.is_number(momentum) and float(momentum) == 0.0):
+    raise ValueError(f"`momentum` must be 0 when the preconditioner has its own momentum "
+                     f"({preconditioner.momentum}); got {momentum!r}.")
+  return preconditioner.momentum, preconditioner.ema

@@ -9,6 +9,7 @@ import optax
 from kstep._src import arguments, estimators, k_estimate, losses, noise_kernel, periodic
 from kstep._src.diagnostics import common
 from kstep._src.estimators import AxisName
+from kstep._src.preconditioners import Preconditioner
 
 Array = jax.Array
 PyTree = Any
@@ -70,6 +71,7 @@ def track_k(
     seed: int = 0,
     axis_name: AxisName = None,
     probe_scope: str = "global",
+    preconditioner: Preconditioner | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Records the noise kernel norm K (Agarwala & Pennington 2024) of any SGD/momentum run.
 
@@ -83,6 +85,12 @@ def track_k(
   averaged over measurements (``decay``, see :mod:`kstep._src.diagnostics`), and at every update
   ``k = k_from_trace(η_t, B, S̄, μ)`` with η_t the learning rate at that update, so K follows a
   schedule between measurements.
+
+  With a ``preconditioner`` (Adam's: :func:`kstep.adam_preconditioner`) it records K_P, the
+  norm of the preconditioned kernel ``J P⁻¹ Jᵀ``: it then *is* the preconditioner's link of the
+  chain (``optax.chain(track_k(..., preconditioner=kstep.adam_preconditioner()),
+  optax.scale_by_learning_rate(η))`` is Adam), reads P from its own state and, for an EMA
+  momentum (β₁), reports ``K_P = η S_P / (2B)`` (``docs/design.md``, "Adaptive optimizers").
 
   It reports ``k`` like the controller: chained together, :func:`kstep.stats` raises on the
   duplicate name (read each with ``optax.tree.get`` on its own sub-state).
@@ -111,9 +119,12 @@ def track_k(
     axis_name: inside ``shard_map``/``pmap``, the axis the batch is split over (``batch_size``
       is the global B). Not needed under ``jax.jit`` with sharded arrays.
     probe_scope: ``"global"`` or ``"per_shard"``, as in :func:`kstep.gauss_newton_trace`.
+    preconditioner: a :class:`kstep.Preconditioner` to run and measure through, or ``None``
+      (pass-through; the kernel ``J Jᵀ``).
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs`` with state :class:`TrackKState`.
+    An ``optax.GradientTransformationExtraArgs`` with state :class:`TrackKState` (inside a
+    ``PreconditionedTrackerState`` with a ``preconditioner``).
 
   Raises:
     ValueError: at construction, naming the argument that is out of range.
@@ -135,6 +146,7 @@ def track_k(
   arguments.check_decay(decay)
   arguments.check_seed(seed)  # the key itself is made in init
   every = arguments.static_or_traced_int(every)
+  momentum, ema = common.momentum_and_ema(preconditioner, momentum)
 
   def init_fn(params: PyTree) -> TrackKState:
     del params
@@ -146,11 +158,11 @@ def track_k(
         k_num_skipped=common.izero(),
     )
 
-  def measure(state: TrackKState, params: PyTree, batch: Any) -> TrackKState:
+  def measure(state: TrackKState, params: PyTree, batch: Any, inv_sqrt) -> TrackKState:
     est = k_estimate.estimate(
         apply_fn, params, batch, loss=spec, key=jax.random.fold_in(state.key, state.count),
         output_norm=norm, num_probes=num_probes, estimator=estimator, axis_name=axis_name,
-        probe_scope=probe_scope,
+        probe_scope=probe_scope, inv_sqrt=None if inv_sqrt is None else inv_sqrt(),
     )
     valid = jnp.isfinite(est.trace) & jnp.isfinite(est.scale) & (est.scale > 0)
     m = common.moments_update(state.moments, jnp.stack([est.trace, est.scale]), decay)
@@ -160,19 +172,19 @@ def track_k(
     )
     return common.accept(valid, new, state, "k")
 
-  def update_fn(updates, state: TrackKState, params=None, **extra_args):
+  def update_fn(updates, state: TrackKState, params, extra_args, inv_sqrt):
     common.check_params(params, "track_k")
     batch = common.get_batch(extra_args, "track_k")
     b, c = k_estimate.batch_rows(apply_fn, params, batch, batch_size, axis_name=axis_name)
     new_state = jax.lax.cond(
-        periodic.due(state.count, every, updates), lambda s: measure(s, params, batch),
+        periodic.due(state.count, every, updates), lambda s: measure(s, params, batch, inv_sqrt),
         lambda s: s, state,
     )
     eta = arguments.schedule_value(learning_rate, state.count)
-    k = noise_kernel.k_from_trace(eta, b, new_state.k_scale, momentum)
+    k = noise_kernel.k_from_trace(eta, b, new_state.k_scale, 0.0 if ema else momentum)
     return updates, new_state._replace(
         count=optax.safe_increment(state.count), k=common.f32(k), k_learning_rate=eta,
         k_num_outputs=jnp.asarray(c, jnp.int32),
     )
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return common.with_preconditioner(preconditioner, init_fn, update_fn)

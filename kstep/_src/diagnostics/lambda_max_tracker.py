@@ -6,9 +6,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from kstep._src import arguments, estimators, periodic
+from kstep._src import arguments, estimators, k_estimate, periodic
 from kstep._src.diagnostics import common
 from kstep._src.estimators import AxisName
+from kstep._src.noise_kernel import curvature_edge
+from kstep._src.preconditioners import Preconditioner
 
 Array = jax.Array
 PyTree = Any
@@ -62,6 +64,7 @@ def track_lambda_max(
     tol: float = 1e-3,
     seed: int | Array = 0,
     axis_name: AxisName = None,
+    preconditioner: Preconditioner | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Records λ_max, the largest algebraic eigenvalue of the Hessian ``∇²_θ loss_fn(θ, batch)``.
 
@@ -77,6 +80,12 @@ def track_lambda_max(
   of params), started from the previous eigenvector when ``warm_start``: after a small
   parameter update it is nearly converged already, and the solve stops early on the residual
   ``‖H v − λ v‖ ≤ tol·|λ|``.
+
+  With a ``preconditioner`` (:func:`kstep.adam_preconditioner`) it records ``λ_max(P⁻¹H)``, the
+  top eigenvalue of ``P^{-1/2} H P^{-1/2}`` with P read from the preconditioner's state, against
+  the edge ``2(1 + β₁)/(1 − β₁)`` for an EMA momentum (Cohen et al. 2022; ``docs/design.md``,
+  "Adaptive optimizers"); it then *is* that link of the chain (``optax.chain(track_lambda_max(
+  ..., preconditioner=kstep.adam_preconditioner()), optax.scale_by_learning_rate(η))`` is Adam).
 
   The batch: the keyword ``measure_batch=`` of ``update`` if given (e.g. a fixed subset of the
   training set, for a full-batch λ_max under SGD), else ``batch=`` (the current batch; the
@@ -105,9 +114,12 @@ def track_lambda_max(
     axis_name: inside ``shard_map``/``pmap``, the axis the batch is split over (λ_max of the
       global batch's loss; one all-reduce of P floats per product). Not needed under ``jax.jit``
       with sharded arrays.
+    preconditioner: a :class:`kstep.Preconditioner` to run and measure through, or ``None``
+      (pass-through; the Hessian itself).
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs`` with state :class:`TrackLambdaMaxState`;
+    An ``optax.GradientTransformationExtraArgs`` with state :class:`TrackLambdaMaxState` (inside
+    a ``PreconditionedTrackerState`` with a ``preconditioner``);
     ``kstep.stats`` reports ``lambda_max``, ``lambda_max_residual``, ``lambda_max_iters``,
     ``lambda_max_edge_ratio``, ``lambda_max_num_measurements`` and ``lambda_max_num_skipped``.
 
@@ -145,6 +157,7 @@ def track_lambda_max(
   arguments.check_momentum(momentum)
   arguments.check_seed(seed)  # the key itself is made in init, with the state
   every = arguments.static_or_traced_int(every)
+  momentum, ema = common.momentum_and_ema(preconditioner, momentum)
 
   def init_fn(params: PyTree) -> TrackLambdaMaxState:
     arguments.check_real_params(params, "track_lambda_max")
@@ -157,11 +170,15 @@ def track_lambda_max(
         lambda_max_num_measurements=common.izero(), lambda_max_num_skipped=common.izero(),
     )
 
-  def measure(state: TrackLambdaMaxState, params: PyTree, batch: Any) -> TrackLambdaMaxState:
+  def measure(state: TrackLambdaMaxState, params: PyTree, batch: Any,
+              inv_sqrt) -> TrackLambdaMaxState:
     key = jax.random.fold_in(state.key, state.count)
     start = state.eigenvector if warm_start else None  # None: a random start drawn from `key`
+    fn = loss_fn
+    if inv_sqrt is not None:  # P^{-1/2} H P^{-1/2}: the Hessian in φ = P^{1/2} θ
+      fn, params = k_estimate.in_preconditioned_coordinates(loss_fn, params, inv_sqrt())
     res = estimators.lambda_max(
-        loss_fn, params, batch, num_iters=num_iters, method=method, init=start, key=key, tol=tol,
+        fn, params, batch, num_iters=num_iters, method=method, init=start, key=key, tol=tol,
         axis_name=axis_name,
     )
     finite = [jnp.all(jnp.isfinite(v)) for v in jax.tree.leaves(res.eigenvector)]
@@ -173,19 +190,20 @@ def track_lambda_max(
     )
     return common.accept(valid, new, state, "lambda_max")
 
-  def update_fn(updates, state: TrackLambdaMaxState, params=None, **extra_args):
+  def update_fn(updates, state: TrackLambdaMaxState, params, extra_args, inv_sqrt):
     common.check_params(params, "track_lambda_max")
     arguments.check_real_params(params, "track_lambda_max")
     batch = common.get_batch(extra_args, "track_lambda_max", allow_measure_batch=True)
     new_state = jax.lax.cond(
-        periodic.due(state.count, every, updates), lambda s: measure(s, params, batch),
+        periodic.due(state.count, every, updates),
+        lambda s: measure(s, params, batch, inv_sqrt),
         lambda s: s, state,
     )
     edge = common.edge_ratio(
-        learning_rate, state.count, new_state.lambda_max, 2.0 * (1.0 + momentum)
+        learning_rate, state.count, new_state.lambda_max, curvature_edge(momentum, ema=ema)
     )
     return updates, new_state._replace(
         count=optax.safe_increment(state.count), lambda_max_edge_ratio=edge
     )
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return common.with_preconditioner(preconditioner, init_fn, update_fn)
