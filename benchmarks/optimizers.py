@@ -1,7 +1,9 @@
 """The optimizers compared, built from a (possibly traced) base LR so one jit serves a sweep.
 
-All use heavy-ball momentum 0.9 where they have momentum. ``lr`` and ``band`` may be tracers: a
-sweep over base LRs, seeds or bands compiles once per optimizer.
+The SGD family uses heavy-ball momentum 0.9 where it has momentum; the Adam family (``adamw_*``,
+``kstep_adam_anneal``, ``schedule_free_adamw``) β₁ = 0.9, β₂ = 0.999, ε = 1e-8, no weight decay.
+``lr`` and ``band`` may be tracers: a sweep over base LRs, seeds or bands compiles once per
+optimizer.
 
 The kstep rows run ``k_controlled_sgd`` at its defaults (``target=None``: the loss's default band
 and output norm) unless a band is given; ``--kstep-kwargs`` adds options in their JSON form
@@ -21,13 +23,19 @@ import kstep
 
 MOMENTUM = 0.9
 SWEPT = ("sgd", "cosine", "warmup_cosine", "kstep_anneal", "kstep_warmup", "kstep",
-         "kstep_cosine", "schedule_free")
+         "kstep_cosine", "schedule_free", "adamw_cosine", "adamw_warmup_cosine",
+         "kstep_adam_anneal", "schedule_free_adamw")
 LR_FREE = ("prodigy", "dog", "polyak_sgd")
 ALL = SWEPT + LR_FREE
+# The Adam family's rows (issue 28) and its base LRs, 1e-5 to 0.1.
+ADAM_PARITY = ("adamw_cosine", "adamw_warmup_cosine", "kstep_adam_anneal", "schedule_free_adamw",
+               "prodigy")
+ADAM_LR_GRID = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1)
 # The rows of the parity table (issue 11), and what ``run`` trains by default.
 PARITY = ("cosine", "warmup_cosine", "kstep_anneal", "kstep", "schedule_free", "prodigy", "dog",
           "polyak_sgd")
-KSTEP = ("kstep_anneal", "kstep_warmup", "kstep", "kstep_cosine")
+KSTEP = ("kstep_anneal", "kstep_warmup", "kstep", "kstep_cosine", "kstep_adam_anneal")
+SCHEDULE_FREE = ("schedule_free", "schedule_free_adamw")
 LABELS = {
     "sgd": "SGD+mom, constant LR",
     "cosine": "SGD+mom, cosine",
@@ -40,12 +48,19 @@ LABELS = {
     "prodigy": "prodigy (LR-free, lr=1)",
     "dog": "DoG (LR-free, lr=1)",
     "polyak_sgd": "polyak_sgd (LR-free, f*=0, max LR 1)",
+    "adamw_cosine": "AdamW, cosine",
+    "adamw_warmup_cosine": "AdamW, warmup-cosine",
+    "kstep_adam_anneal": "k_controlled_adam, defaults, annealed band (decay_steps=steps)",
+    "schedule_free_adamw": "schedule_free_adamw (LR swept)",
 }
 # Short names for tables.
 SHORT = {"kstep_anneal": "kstep (annealed)", "kstep_warmup": "kstep (warmup+annealed)",
          "kstep": "kstep (constant band)",
          "schedule_free": "schedule-free", "warmup_cosine": "warmup-cosine",
-         "polyak_sgd": "polyak_sgd", "prodigy": "prodigy", "dog": "DoG"}
+         "polyak_sgd": "polyak_sgd", "prodigy": "prodigy", "dog": "DoG",
+         "adamw_cosine": "AdamW cosine", "adamw_warmup_cosine": "AdamW warmup-cosine",
+         "kstep_adam_anneal": "kstep Adam (annealed)",
+         "schedule_free_adamw": "schedule-free AdamW"}
 # Trajectory keys recorded for the kstep rows when the controller reports them; the first name
 # found wins (new name first, the pre-rename name second).
 KSTEP_TRACE = {
@@ -88,19 +103,19 @@ def kstep_config(name: str, loss: str, band: Any, steps: int) -> dict[str, Any]:
   norm = k_estimate.resolve_output_norm("auto", loss)
   target = list(options.default_target(loss, norm)) if band is None else [float(b) for b in band]
   return {"output_norm": norm, "target": target, "target_is_default": band is None,
-          "decay_steps": steps if name == "kstep_anneal" else None,
+          "decay_steps": steps if name in ("kstep_anneal", "kstep_adam_anneal") else None,
           "base_lr_schedule": "cosine" if name == "kstep_cosine" else "constant"}
 
 
 def schedule(name: str, lr: Any, steps: int) -> Callable[[Any], Any]:
   """The base-LR schedule of a swept optimizer (a function of the update count)."""
-  if name in ("cosine", "kstep_cosine"):
+  if name in ("cosine", "kstep_cosine", "adamw_cosine"):
     unit = optax.cosine_decay_schedule(1.0, steps)
     return lambda t: lr * unit(t)
-  if name == "warmup_cosine":  # 5% linear warmup from 0, then cosine to 0
+  if name in ("warmup_cosine", "adamw_warmup_cosine"):  # 5% linear warmup, then cosine to 0
     unit = optax.warmup_cosine_decay_schedule(0.0, 1.0, max(steps // 20, 1), steps)
     return lambda t: lr * unit(t)
-  if name == "schedule_free":
+  if name in SCHEDULE_FREE:
     warmup = max(steps // 20, 1)
     return lambda t: lr * jnp.minimum(1.0, (jnp.asarray(t, jnp.float32) + 1) / warmup)
   return lambda t: lr + 0.0 * jnp.asarray(t, jnp.float32)
@@ -116,6 +131,16 @@ def make(name: str, lr: Any, *, steps: int, apply_fn: Callable, loss: str, batch
   """
   if name in ("sgd", "cosine", "warmup_cosine"):
     opt = optax.sgd(schedule(name, lr, steps), momentum=MOMENTUM)
+  elif name in ("adamw_cosine", "adamw_warmup_cosine"):
+    opt = optax.adamw(schedule(name, lr, steps), weight_decay=0.0)
+  elif name == "kstep_adam_anneal":
+    extra = dict(kstep_kwargs or {})
+    estimate = dict(extra.pop("estimate", None) or {}, seed=seed)
+    kwargs = dict(batch_size=batch_size, apply_fn=apply_fn, loss=loss, estimate=estimate,
+                  decay_steps=steps)
+    if band is not None:
+      kwargs["target"] = tuple(band)
+    opt = kstep.k_controlled_adam(lr, **kstep_options({**kwargs, **extra}))
   elif name in KSTEP:
     base = schedule(name, lr, steps) if name == "kstep_cosine" else lr
     extra = dict(kstep_kwargs or {})
@@ -132,6 +157,9 @@ def make(name: str, lr: Any, *, steps: int, apply_fn: Callable, loss: str, batch
     opt = kstep.k_controlled_sgd(base, **kstep_options({**kwargs, **extra}))
   elif name == "schedule_free":
     opt = optax.contrib.schedule_free_sgd(lr, warmup_steps=max(steps // 20, 1), b1=MOMENTUM)
+  elif name == "schedule_free_adamw":
+    opt = optax.contrib.schedule_free_adamw(lr, warmup_steps=max(steps // 20, 1),
+                                            weight_decay=0.0)
   elif name == "prodigy":
     opt = optax.contrib.prodigy()
   elif name == "dog":
@@ -154,7 +182,7 @@ def extra_args(name: str, batch: Any, loss: Any) -> dict[str, Any]:
 
 def eval_params(name: str, state: Any, params: Any) -> Any:
   """The parameters to evaluate (schedule-free evaluates its averaged iterate)."""
-  if name == "schedule_free":
+  if name in SCHEDULE_FREE:
     return optax.contrib.schedule_free_eval_params(state, params)
   return params
 

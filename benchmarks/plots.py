@@ -19,6 +19,8 @@ COLORS = {"sgd": "tab:gray", "cosine": "tab:blue", "warmup_cosine": "tab:cyan",
           "kstep_anneal": "tab:red", "kstep_warmup": "tab:pink", "kstep": "tab:orange",
           "kstep_cosine": "gold",
           "schedule_free": "tab:green", "prodigy": "tab:purple", "dog": "tab:brown",
+          "adamw_cosine": "navy", "adamw_warmup_cosine": "teal", "kstep_adam_anneal": "darkred",
+          "schedule_free_adamw": "darkgreen",
           "polyak_sgd": "tab:olive"}
 
 

@@ -195,7 +195,8 @@ def headline_lines(s: dict[str, Any]) -> list[str]:
 
 
 ORDER = ("cosine", "warmup_cosine", "kstep_anneal", "kstep_warmup", "kstep", "schedule_free", "sgd",
-         "kstep_cosine")
+         "kstep_cosine", "adamw_cosine", "adamw_warmup_cosine", "kstep_adam_anneal",
+         "schedule_free_adamw")
 FREE_ORDER = ("prodigy", "dog", "polyak_sgd")
 
 
