@@ -16,6 +16,9 @@ import numpy as np
 PARITY_POINTS = 0.005  # parity holds at >= best cosine - 0.5 point
 # The kstep row the parity headline uses: the annealed band if it ran, else the constant band.
 PARITY_KSTEP = ("kstep_anneal", "kstep")
+# The Adam family's parity (issue 28): k_controlled_adam annealed at its defaults against the best
+# tuned AdamW cosine, and against prodigy.
+ADAM_KSTEP = ("kstep_adam_anneal",)
 
 
 def _stat(values: list[float]) -> dict[str, float]:
@@ -86,16 +89,20 @@ def parity_sentence(gap: float) -> str:
   return f"parity: kstep's worst base LR is {abs(p):.1f} {unit} {side} the best tuned cosine"
 
 
-def parity(per_opt: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
-  """The parity numbers and verdict, or None without a cosine and a kstep row."""
-  row = next((name for name in PARITY_KSTEP if name in per_opt), None)
-  if row is None or "cosine" not in per_opt:
+def parity(per_opt: dict[str, dict[str, Any]], *, kstep_rows: tuple[str, ...] = PARITY_KSTEP,
+           reference: str = "cosine", warmup: str = "warmup_cosine",
+           optimizer: str = "k_controlled_sgd") -> dict[str, Any] | None:
+  """The parity numbers and verdict, or None without a ``reference`` and a kstep row: the SGD
+  family by default, the Adam family with ``kstep_rows=ADAM_KSTEP, reference="adamw_cosine",
+  warmup="adamw_warmup_cosine"``."""
+  row = next((name for name in kstep_rows if name in per_opt), None)
+  if row is None or reference not in per_opt:
     return None
-  k, c = per_opt[row], per_opt["cosine"]
+  k, c = per_opt[row], per_opt[reference]
   gap = k["worst_acc"] - c["best_acc"]
   bar = c["best_acc"] - PARITY_POINTS
   out = {
-      "claim": "k_controlled_sgd at its defaults, at every base LR, >= best tuned cosine - 0.5 "
+      "claim": f"{optimizer} at its defaults, at every base LR, >= best tuned {reference} - 0.5 "
                "point",
       "kstep_row": row, "kstep_worst": k["worst_acc"], "kstep_worst_lr": k["worst_lr"],
       "kstep_best": k["best_acc"], "kstep_best_lr": k["best_lr"],
@@ -107,12 +114,24 @@ def parity(per_opt: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
       "sentence": parity_sentence(gap),
   }
   out["lrs_failing"] = [lr for lr in k["lrs"] if k["acc_per_lr"][lr] < bar]
-  if "warmup_cosine" in per_opt:
-    w = per_opt["warmup_cosine"]
+  if warmup in per_opt:
+    w = per_opt[warmup]
     out["warmup_cosine_best"] = w["best_acc"]
     out["warmup_cosine_best_lr"] = w["best_lr"]
     out["gap_vs_warmup_cosine_points"] = points(k["worst_acc"] - w["best_acc"])
   return out
+
+
+def adam_parity(per_opt: dict[str, dict[str, Any]],
+                free: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+  """:func:`parity` for the Adam family, with ``vs_prodigy``: kstep Adam's worst base LR minus
+  prodigy's mean (``None`` without prodigy runs)."""
+  p = parity(per_opt, kstep_rows=ADAM_KSTEP, reference="adamw_cosine",
+             warmup="adamw_warmup_cosine", optimizer="k_controlled_adam")
+  if p is not None and "prodigy" in free:
+    p["prodigy"] = free["prodigy"]["mean"]
+    p["vs_prodigy"] = p["kstep_worst"] - free["prodigy"]["mean"]
+  return p
 
 
 def headline(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -130,6 +149,9 @@ def headline(runs: list[dict[str, Any]]) -> dict[str, Any]:
   p = parity(per_opt)
   if p is not None:
     out["parity"] = p
+  a = adam_parity(per_opt, free)
+  if a is not None:
+    out["adam_parity"] = a
   return out
 
 

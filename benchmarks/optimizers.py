@@ -101,7 +101,9 @@ def kstep_config(name: str, loss: str, band: Any, steps: int) -> dict[str, Any]:
   from kstep._src import k_estimate, options
 
   norm = k_estimate.resolve_output_norm("auto", loss)
-  target = list(options.default_target(loss, norm)) if band is None else [float(b) for b in band]
+  adaptive = name == "kstep_adam_anneal"
+  target = (list(options.default_target(loss, norm, adaptive)) if band is None
+            else [float(b) for b in band])
   return {"output_norm": norm, "target": target, "target_is_default": band is None,
           "decay_steps": steps if name in ("kstep_anneal", "kstep_adam_anneal") else None,
           "base_lr_schedule": "cosine" if name == "kstep_cosine" else "constant"}

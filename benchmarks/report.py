@@ -174,11 +174,23 @@ def _diverged(lrs: list[str]) -> str:
 
 
 def headline_lines(s: dict[str, Any]) -> list[str]:
-  """The parity sentence of one (loss, B) group, with its verdict and the numbers behind it."""
-  p = s["headline"].get("parity")
+  """The parity sentence of one (loss, B) group, with its verdict and the numbers behind it (and
+  the Adam family's, where it ran)."""
   tag = f"{s['loss']} B={s['batch_size']}"
+  a = s["headline"].get("adam_parity")
+  adam = []
+  if a is not None:
+    adam = [f"{tag} Adam: k_controlled_adam's worst base LR {a['kstep_worst']:.3f} (base LR "
+            f"{fmt_lr(a['kstep_worst_lr'])}) vs best AdamW cosine {a['cosine_best']:.3f} (LR "
+            f"{fmt_lr(a['cosine_best_lr'])}): {_verdict(a)}"
+            + (f"; prodigy {a['prodigy']:.3f}" if "prodigy" in a else "")]
+  p = s["headline"].get("parity")
   if p is None:
-    return [f"{tag}: parity not measured (needs cosine and kstep_anneal or kstep runs)"]
+    return adam or [f"{tag}: parity not measured (needs cosine and kstep_anneal or kstep runs)"]
+  return _sgd_headline_lines(tag, p) + adam
+
+
+def _sgd_headline_lines(tag: str, p: dict[str, Any]) -> list[str]:
   k_row = _name(p["kstep_row"])
   lines = [f"{tag}: {p['sentence']} — {_verdict(p)}",
            f"    {k_row} {p['kstep_worst']:.3f} (base LR {fmt_lr(p['kstep_worst_lr'])}) to "
@@ -297,6 +309,38 @@ def parity_row(s: dict[str, Any]) -> str:
           f"{_gap2(p)} | {_lr_free_best(h)} |")
 
 
+ADAM_HEADER = ["| task | loss | B | seeds | best tuned AdamW cosine (LR) | kstep Adam annealed "
+               "worst / best over base LRs | kstep seeds × base LRs | gap, points | prodigy | "
+               "kstep worst − prodigy, points |",
+               "|---|---|---|---|---|---|---|---|---|---|"]
+
+
+def adam_parity_row(s: dict[str, Any]) -> str | None:
+  """One group's row of the Adam family's parity table (None where the family did not run)."""
+  h = s["headline"]
+  p = h.get("adam_parity")
+  if p is None:
+    return None
+  per = h["per_optimizer"]
+  c, k = per["adamw_cosine"], per[p["kstep_row"]]
+  vs = f"{100.0 * p['vs_prodigy'] + 0.0:+.1f}".replace("-", "−") if "vs_prodigy" in p else "-"
+  prodigy = f"{p['prodigy']:.3f}" if "prodigy" in p else "-"
+  return (f"| {s['task']} ({s['scale']}) | {s['loss']} | {s['batch_size']} | {len(s['seeds'])} | "
+          f"{_acc_lr(c, 'best')} | {_acc_lr(k, 'worst')} / {_acc_lr(k, 'best')} | "
+          f"{_grid(h, p['kstep_row'])} | {_gap2(p)} | {prodigy} | {vs} |")
+
+
+def adam_table(groups: list[dict[str, Any]]) -> list[str]:
+  """The Adam family's parity table over ``groups`` (empty where none ran it)."""
+  rows = [r for r in (adam_parity_row(s) for s in groups) if r is not None]
+  if not rows:
+    return []
+  return ["## Adam family", "", *ADAM_HEADER, *rows, "",
+          "Gap: k_controlled_adam annealed at its defaults, worst over base LRs 1e-5…0.1, minus "
+          "the best tuned AdamW cosine (bar: −0.5 point); the last column compares the same "
+          "worst base LR with prodigy (the issue's bar: ≥ 0).", ""]
+
+
 def _portable(command: str) -> str:
   """A recorded command with this machine's paths replaced: ``--data-dir DATA``, ``--results-dir
   DIR``."""
@@ -321,6 +365,9 @@ def markdown(summaries: list[dict[str, Any]] | dict[str, Any], command: str | No
             "run counts as 0). Gap: kstep annealed's worst base LR minus the best tuned cosine; "
             "parity holds at ≥ −0.5 point. Per-task tables, per-LR values and plots: "
             "`benchmarks/results/<task>/summary.md`."]
+  adam = adam_table([s for summary in summaries for s in summary.values()])
+  if adam:
+    lines += [""] + adam
   if command:
     lines += ["", f"Regenerate: `{command}` (from the run JSONs in `benchmarks/runs/`)."]
   if dates:
@@ -490,6 +537,7 @@ def write_task_summary(out_task: pathlib.Path, task: str, scale: str, summaries:
     lines += ["", "Gap: kstep annealed's worst base LR minus the best tuned cosine, points; "
               "parity holds at ≥ −0.5 point. \"ran at\": the commits (and dates) of the runs, "
               "with any `--kstep-kwargs` they were given.", ""]
+    lines += adam_table(list(summaries.values()))
     for s in summaries.values():
       lines += group_markdown(s, out_task)
     commands: dict[str, int] = collections.Counter()

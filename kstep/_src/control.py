@@ -102,7 +102,8 @@ def scale_by_k_control(
 
 
 def build(learning_rate, *, apply_fn, loss, target, decay_steps, momentum, nesterov, batch_size,
-          max_scale, trace_floor, estimate, guard, axis_name, ema: bool = False):
+          max_scale, trace_floor, estimate, guard, axis_name, ema: bool = False,
+          adaptive: bool = False):
   """The controller's ``init`` and its step ``step(updates, state, params, batch, probe,
   inv_sqrt=None)``, arguments checked (see :func:`scale_by_k_control`).
 
@@ -110,7 +111,7 @@ def build(learning_rate, *, apply_fn, loss, target, decay_steps, momentum, neste
   heavy-ball terms): K = η S / (2B) and the curvature edge E(μ)/(1 − μ). ``inv_sqrt``: a
   function returning ``P^{-1/2}`` of a diagonal preconditioner, called only inside the estimate;
   K and λ_max are then those of the preconditioned kernel (``docs/design.md``, "Adaptive
-  optimizers").
+  optimizers"). ``adaptive``: the default band is the adaptive controller's.
   """
   arguments.check_learning_rate(learning_rate, optional=False)
   arguments.check_callable("apply_fn", apply_fn, "apply_fn(params, batch) -> outputs")
@@ -118,7 +119,7 @@ def build(learning_rate, *, apply_fn, loss, target, decay_steps, momentum, neste
   options.check_group("estimate", estimate, Estimate, optional=False)
   options.check_group("guard", guard, Guard, optional=True)
   norm = k_estimate.resolve_output_norm(estimate.output_norm, loss)
-  target = options.default_target(loss, norm) if target is None else target
+  target = options.default_target(loss, norm, adaptive) if target is None else target
   arguments.check_band(target)
   decay_fn = arguments.band_decay_fn(decay_steps)
   arguments.check_momentum(momentum)

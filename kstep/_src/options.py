@@ -18,6 +18,10 @@ Array = jax.Array
 # K bands per output norm (docs/defaults.md, "Target bands").
 DEFAULT_TARGETS = {"per_output": (0.25, 0.4), "max_output": (0.25, 0.4), "total": (0.4, 0.8)}
 CROSS_ENTROPY_TARGET = (0.7, 0.8)
+# K_P bands of the adaptive controller (docs/defaults.md, "Adam's bands"); "total" for MSE is the
+# per-output band scaled as SGD's are (not swept).
+ADAPTIVE_TARGETS = {"per_output": (0.16, 0.24), "max_output": (0.16, 0.24), "total": (0.25, 0.5)}
+ADAPTIVE_CROSS_ENTROPY_TARGET = (1.6, 6.4)
 # The trace floor ρ and the guard ratio r: "auto" resolves per loss.
 CROSS_ENTROPY_TRACE_FLOOR = 0.03
 DEFAULT_MAX_SHARPNESS_RATIO = 0.5
@@ -154,11 +158,12 @@ def _named_cross_entropy(loss: Any) -> bool:
   return isinstance(loss, str) and loss.endswith("cross_entropy")
 
 
-def default_target(loss: Any, output_norm: str) -> tuple[float, float]:
-  """The band ``target=None`` means for ``loss`` in the resolved ``output_norm``."""
+def default_target(loss: Any, output_norm: str, adaptive: bool = False) -> tuple[float, float]:
+  """The band ``target=None`` means for ``loss`` in the resolved ``output_norm``; ``adaptive``:
+  for K_P after a preconditioner (:func:`kstep.k_controlled_adam`)."""
   if _named_cross_entropy(loss) and output_norm == "total":
-    return CROSS_ENTROPY_TARGET
-  return DEFAULT_TARGETS[output_norm]
+    return ADAPTIVE_CROSS_ENTROPY_TARGET if adaptive else CROSS_ENTROPY_TARGET
+  return (ADAPTIVE_TARGETS if adaptive else DEFAULT_TARGETS)[output_norm]
 
 
 def resolve_guard_ratio(guard: Guard | None, loss: Any) -> Any:
