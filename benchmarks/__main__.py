@@ -133,8 +133,9 @@ def _parser() -> argparse.ArgumentParser:
                       "bare (no guard, no floor), "
                       "bare16, noguard16; rare, rare_noguard: every=1000; bare1, bare1_probe4: "
                       "every=1, no guard, no floor, 16 or 4 rows; "
-                      "fused, fused1: the fused path (kstep.value_and_grad) at every=10 and 1 "
-                      "(default: fused,fused1)")
+                      "fused, fused1: the fused path (kstep.value_and_grad) at every=10 and 1; "
+                      "adam, adam1, adam_rare: k_controlled_adam at every=10, 1, 1000 against "
+                      "optax.adamw (default: fused,fused1)")
   p.add_argument("--processes", type=int, default=1,
                  help="repeat the whole measurement in this many fresh processes, one after "
                       "another, and report the median and range of their medians (on a 2-core "

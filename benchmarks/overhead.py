@@ -63,10 +63,16 @@ VARIANTS = {
     "fused1": dict(estimate=dict(every=1)),
 }
 FUSED = ("fused", "fused1")
+# The Adam family (issue 28): k_controlled_adam at its defaults with this `every`, timed against
+# optax.adamw in the same rounds (ratios "<name>_vs_adamw").
+ADAM_VARIANTS = {"adam": 10, "adam1": 1, "adam_rare": 1000}
+ADAM_LR = 1e-3
 
 
 def _variant_name(variant: str) -> str:
   """The configuration's name: its own ``every`` (10 unless the variant sets it) and the variant."""
+  if variant in ADAM_VARIANTS:
+    return f"kstep_adam_every{ADAM_VARIANTS[variant]}"
   every = VARIANTS[variant].get("estimate", {}).get("every", kstep.Estimate().every)
   return f"kstep_every{every}_{variant}"
 
@@ -86,7 +92,13 @@ def _builders(problem: tasks.Problem, everies, variants):
   for e in everies:
     opts[f"kstep_every{e}"] = kopt(estimate=dict(every=e))
   for v in variants:
-    opts[_variant_name(v)] = kopt(**VARIANTS[v])
+    if v in ADAM_VARIANTS:
+      opts.setdefault("adamw", optax.with_extra_args_support(optax.adamw(ADAM_LR,
+                                                                          weight_decay=0.0)))
+      opts[_variant_name(v)] = kstep.k_controlled_adam(
+          ADAM_LR, apply_fn=apply_fn, loss=kloss, estimate=kstep.Estimate(every=ADAM_VARIANTS[v]))
+    else:
+      opts[_variant_name(v)] = kopt(**VARIANTS[v])
   per_example = lambda out, batch: problem.per_example_loss(out, batch["y"])
   fused = {_variant_name(v): kstep.value_and_grad(per_example, apply_fn, loss=kloss,
                                                   **optimizers.kstep_options(VARIANTS[v]))
@@ -229,6 +241,8 @@ def measure(problem: tasks.Problem, args: argparse.Namespace, path) -> dict:
     if "sharpness_num_estimates" in s and int(s["k_num_estimates"]) > 0:
       guard_share[name] = int(s["sharpness_num_estimates"]) / int(s["k_num_estimates"])
   ratios = {name: _quartiles(t[name] / t["sgd"]) for name in t if name != "sgd"}
+  for name in [n for n in t if n.startswith("kstep_adam")]:
+    ratios[f"{name}_vs_adamw"] = _quartiles(t[name] / t["adamw"])
   # Noise on a shared machine only ever adds time: the ratio of the fastest rounds is the
   # least noise-sensitive estimate; the median of per-round ratios is reported beside it.
   min_ratios = {name: float(t[name].min() / t["sgd"].min()) for name in t if name != "sgd"}
@@ -236,6 +250,7 @@ def measure(problem: tasks.Problem, args: argparse.Namespace, path) -> dict:
   est = ratios["kstep_every1"]["median"] - 1.0 if "kstep_every1" in ratios else None
   est_min = min_ratios["kstep_every1"] - 1.0 if "kstep_every1" in min_ratios else None
   default = ratios.get("kstep_every10", {}).get("median")
+  adam_default = ratios.get("kstep_adam_every10_vs_adamw", {}).get("median")
   fused1 = _variant_name("fused1")
   est_fused = ratios[fused1]["median"] - 1.0 if fused1 in ratios else None
   payload = {
@@ -243,7 +258,9 @@ def measure(problem: tasks.Problem, args: argparse.Namespace, path) -> dict:
       "batch_size": problem.batch_size, "chunk_steps": args.chunk, "rounds": args.rounds,
       "defaults": f"k_controlled_sgd at its defaults ({kstep.Estimate()}, {kstep.Guard()}); "
                   "variants change one option at every=10",
-      "variants": {_variant_name(v): VARIANTS[v] for v in args.variants},
+      "variants": {_variant_name(v): VARIANTS.get(v, {"k_controlled_adam": {"every":
+                                                        ADAM_VARIANTS.get(v)}})
+                   for v in args.variants},
       "note": "ratios are t(config)/t(optax.sgd) within one interleaved round; one estimate's "
               "cost in steps is ratio(every=1) - 1",
       "steps_per_s": {k: _quartiles(args.chunk / v) for k, v in t.items()},
@@ -255,6 +272,7 @@ def measure(problem: tasks.Problem, args: argparse.Namespace, path) -> dict:
       "seconds_per_chunk": {k: v.tolist() for k, v in t.items()},
       "claim": "at the defaults (every=10) at most 1.06 x an optax.sgd step",
       "default_ratio": default, "holds": None if default is None else default <= 1.06,
+      "adam_default_ratio_vs_adamw": adam_default,
       "notes": problem.notes, "env": results_io.environment(),
   }
   results_io.save_json(path, payload)
