@@ -412,3 +412,33 @@ def test_data_parallel_example_runs_and_matches_one_device():
   assert result["max_param_rel_diff"] < 1e-4
   assert result["compilations"] == (1, 1)
   assert result["final_k"] > 0 and np.isfinite(result["final_loss"])
+
+
+def make_adam(axis_name=None):
+  return kstep.k_controlled_adam(0.01, batch_size=B, apply_fn=apply_mlp, axis_name=axis_name,
+                                 estimate=kstep.Estimate(every=2, probe_batch_size=8))
+
+
+def test_adam_controller_sharded_equals_single_device(params):
+  """k_controlled_adam on a sharded batch with FSDP params (P read from Adam's sharded second
+  moment) gives the one-device params and stats, compiled once."""
+  opt = make_adam()
+  ref = run(jit_step(opt), params, opt.init(params), batches(4))
+  step, p0 = jit_step(opt), fsdp(params)
+  state = place_state(step, p0, opt.init(p0), jax.device_put(make_batch(), DATA))
+  got = run(step, p0, state, batches(4), with_guard_put)
+  compare_runs(ref, got)
+  stats = kstep.stats(got[1])
+  assert float(stats["k"]) > 0 and float(stats["gn_lambda_max"]) > 0
+  assert step._cache_size() == 1
+
+
+@pytest.mark.parametrize("check_vma", [True, False])
+def test_adam_controller_shard_map_equals_single_device(params, check_vma):
+  ref_opt = make_adam()
+  ref = run(jit_step(ref_opt), params, ref_opt.init(params), batches(4))
+  opt = make_adam(axis_name="data")
+  step = shard_map_step(opt, check_vma)
+  state = jax.device_put(opt.init(params), REPLICATED)
+  got = run(step, jax.device_put(params, REPLICATED), state, batches(4), with_guard_put)
+  compare_runs(ref, got)

@@ -27,6 +27,7 @@ SMOKE_CASES = (
     "test_trace_jit_sharded_equals_single_device[softmax_cross_entropy-hutchinson-fsdp]",
     "test_trace_shard_map_equals_single_device[softmax_cross_entropy-hutchinson-True]",
     "test_controller_steps_sharded_equal_single_device",
+    "test_adam_controller_sharded_equals_single_device",
 )
 
 
