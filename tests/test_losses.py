@@ -251,3 +251,25 @@ def test_resolve_loss_passes_output_losses_through():
   spec = losses.resolve_loss("softmax_cross_entropy")
   assert spec.name == "softmax_cross_entropy"
   assert losses.resolve_loss(spec) is spec
+
+
+def test_softmax_cross_entropy_refuses_sequence_outputs():
+  """(B, T, V) flattened to (B, T·V) would put one softmax over every position: a clear error."""
+  import kstep
+
+  apply_fn = lambda p, b: jnp.einsum("btd,dv->btv", b["x"], p)
+  params, batch = jnp.ones((3, 5)), {"x": jnp.ones((4, 6, 3))}
+  with pytest.raises(ValueError, match=r"needs apply_fn outputs of shape \(B, C\)"):
+    kstep.gauss_newton_trace(apply_fn, params, batch, loss="softmax_cross_entropy",
+                             key=jax.random.key(0))
+  # The way out the message names: a callable loss over (B, T, V), the positions summed. Its
+  # trace is the sum over positions of the per-position softmax Hessians' traces.
+  def seq_ce(outputs, b):
+    return -jnp.sum(jax.nn.log_softmax(outputs)[..., 0], axis=-1)
+
+  t = kstep.gauss_newton_trace(apply_fn, params, batch, loss=seq_ce, method="exact")
+  # Reference: every position as an example of its own (24 rows of (1, 3) inputs), named CE.
+  per_position = lambda p, b: apply_fn(p, b).reshape(-1, 5)
+  ref = kstep.gauss_newton_trace(per_position, params, {"x": batch["x"].reshape(-1, 1, 3)},
+                                 loss="softmax_cross_entropy", method="exact")
+  np.testing.assert_allclose(float(t.value), 6 * float(ref.value), rtol=1e-5)

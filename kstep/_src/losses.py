@@ -72,7 +72,17 @@ class OutputLoss:
 
     The named losses work on ``(B, C)`` directly; a callable is handed its outputs back in the
     shape the model produced (``(B,)`` for scalar models).
+
+    Raises:
+      ValueError: ``"softmax_cross_entropy"`` on outputs of more than two axes, e.g. a sequence
+        model's ``(B, T, V)``: the softmax would run over ``T·V`` entries.
     """
+    if self.name == "softmax_cross_entropy" and len(shape) > 2:
+      raise ValueError(
+          f'loss="softmax_cross_entropy" needs apply_fn outputs of shape (B, C); got {shape}. '
+          "Flattened per example, the softmax would run over all its positions at once. For a "
+          "sequence model pass a callable `loss(outputs, batch) -> (B,)` that reduces each "
+          "example's positions (it receives the outputs in the model's shape).")
     if self.per_example is None:
       return self
     fn = self.per_example
