@@ -351,3 +351,16 @@ def test_trackers_measure_the_preconditioned_kernel_and_curvature():
   with pytest.raises(ValueError, match="`momentum` must be 0"):
     kstep.track_k(_mlp, learning_rate=lr, momentum=0.9,
                   preconditioner=kstep.adam_preconditioner())
+
+
+def test_inject_hyperparams_exposes_adams_hyperparameters():
+  params, batch, _ = _problem(seed=6)
+  loss_fn = lambda p, b: 0.5 * jnp.mean(jnp.sum((_mlp(p, b) - b["y"]) ** 2, -1))
+  opt = kstep.inject_hyperparams(kstep.k_controlled_adam)(1e-3, apply_fn=_mlp, weight_decay=0.01)
+  state = opt.init(params)
+  assert set(state.hyperparams) == {"learning_rate", "b1", "b2", "eps", "weight_decay"}
+  plain = kstep.k_controlled_adam(1e-3, apply_fn=_mlp, weight_decay=0.01)
+  grads = jax.grad(loss_fn)(params, batch)
+  u, state = jax.jit(lambda g, s: opt.update(g, s, params, batch=batch))(grads, state)
+  v, _ = plain.update(grads, plain.init(params), params, batch=batch)
+  np.testing.assert_allclose(ravel_pytree(u)[0], ravel_pytree(v)[0], rtol=3e-5, atol=1e-9)
