@@ -20,7 +20,7 @@ DEFAULT_TARGETS = {"per_output": (0.25, 0.4), "max_output": (0.25, 0.4), "total"
 CROSS_ENTROPY_TARGET = (0.7, 0.8)
 # K_P bands of the adaptive controller (docs/defaults.md, "Adam's bands"); "total" for MSE is the
 # per-output band scaled as SGD's are (not swept).
-ADAPTIVE_TARGETS = {"per_output": (0.16, 0.24), "max_output": (0.16, 0.24), "total": (0.25, 0.5)}
+ADAPTIVE_TARGETS = {"per_output": (0.55, 1.1), "max_output": (0.55, 1.1), "total": (0.9, 1.8)}
 ADAPTIVE_CROSS_ENTROPY_TARGET = (1.6, 6.4)
 # The trace floor ρ and the guard ratio r: "auto" resolves per loss.
 CROSS_ENTROPY_TRACE_FLOOR = 0.03

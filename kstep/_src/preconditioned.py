@@ -165,7 +165,7 @@ def k_controlled_adam(
     learning_rate: the base LR η_base > 0, a float or an optax schedule, moved into the band.
     apply_fn: ``apply_fn(params, batch) -> outputs`` of shape ``(B, C)`` or ``(B, ...)``.
     loss: as for :func:`kstep.k_controlled_sgd`.
-    target: the K_P band ``(lo, hi)``; ``None``: (0.16, 0.24) per output for MSE and
+    target: the K_P band ``(lo, hi)``; ``None``: (0.55, 1.1) per output for MSE and
       callables, (1.6, 6.4) on the Gauss–Newton trace for the named cross-entropies.
     decay_steps: the band's annealing, as for :func:`kstep.k_controlled_sgd`.
     b1: β₁ in [0, 1), Adam's first-moment EMA (sets the edge ``2(1 + β₁)/(1 − β₁)``).
@@ -193,12 +193,12 @@ def k_controlled_adam(
     >>> params = {"w": jnp.zeros((3, 2))}
     >>> batch = {"x": jnp.ones((4, 3)), "y": jnp.ones((4, 2))}
     >>> loss_fn = lambda p, b: 0.5 * jnp.mean(jnp.sum((apply_fn(p, b) - b["y"]) ** 2, -1))
-    >>> opt = kstep.k_controlled_adam(1.0, apply_fn=apply_fn, decay_steps=100)
+    >>> opt = kstep.k_controlled_adam(10.0, apply_fn=apply_fn, decay_steps=100)
     >>> state = opt.init(params)
     >>> grads = jax.grad(loss_fn)(params, batch)
     >>> updates, state = opt.update(grads, state, params, batch=batch)
     >>> round(float(kstep.stats(state)["k"]), 3)  # lowered to the band's top
-    0.24
+    1.1
 
   References:
     Cohen et al., `Adaptive gradient methods at the edge of stability
