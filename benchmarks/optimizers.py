@@ -135,28 +135,23 @@ def make(name: str, lr: Any, *, steps: int, apply_fn: Callable, loss: str, batch
     opt = optax.sgd(schedule(name, lr, steps), momentum=MOMENTUM)
   elif name in ("adamw_cosine", "adamw_warmup_cosine"):
     opt = optax.adamw(schedule(name, lr, steps), weight_decay=0.0)
-  elif name == "kstep_adam_anneal":
-    extra = dict(kstep_kwargs or {})
-    estimate = dict(extra.pop("estimate", None) or {}, seed=seed)
-    kwargs = dict(batch_size=batch_size, apply_fn=apply_fn, loss=loss, estimate=estimate,
-                  decay_steps=steps)
-    if band is not None:
-      kwargs["target"] = tuple(band)
-    opt = kstep.k_controlled_adam(lr, **kstep_options({**kwargs, **extra}))
   elif name in KSTEP:
     base = schedule(name, lr, steps) if name == "kstep_cosine" else lr
     extra = dict(kstep_kwargs or {})
     estimate = dict(extra.pop("estimate", None) or {}, seed=seed)
-    kwargs = dict(batch_size=batch_size, apply_fn=apply_fn, loss=loss, momentum=MOMENTUM,
-                  estimate=estimate)
+    kwargs = dict(batch_size=batch_size, apply_fn=apply_fn, loss=loss, estimate=estimate)
     if band is not None:
       kwargs["target"] = tuple(band)
-    if name == "kstep_anneal":
+    if name in ("kstep_anneal", "kstep_adam_anneal"):
       kwargs["decay_steps"] = steps
     if name == "kstep_warmup":
       kwargs["decay_steps"] = optax.warmup_cosine_decay_schedule(0.0, 1.0, max(steps // 20, 1),
                                                                  steps)
-    opt = kstep.k_controlled_sgd(base, **kstep_options({**kwargs, **extra}))
+    if name == "kstep_adam_anneal":
+      opt = kstep.k_controlled_adam(base, **kstep_options({**kwargs, **extra}))
+    else:
+      kwargs["momentum"] = MOMENTUM
+      opt = kstep.k_controlled_sgd(base, **kstep_options({**kwargs, **extra}))
   elif name == "schedule_free":
     opt = optax.contrib.schedule_free_sgd(lr, warmup_steps=max(steps // 20, 1), b1=MOMENTUM)
   elif name == "schedule_free_adamw":

@@ -330,6 +330,18 @@ def test_jit_training_sharded_batch_gives_single_device_params(params, single_de
   assert step._cache_size() == 1  # no recompilation after the first step
 
 
+def sharded_equals_single_device(params, opt):
+  """4 steps of ``opt`` (estimates at steps 0 and 2) on a sharded batch with FSDP params against
+  one device: the same params and stats, compiled once; returns the sharded run's stats."""
+  ref = run(jit_step(opt), params, opt.init(params), batches(4))
+  step, p0 = jit_step(opt), fsdp(params)
+  state = place_state(step, p0, opt.init(p0), jax.device_put(make_batch(), DATA))
+  got = run(step, p0, state, batches(4), with_guard_put)
+  compare_runs(ref, got)
+  assert step._cache_size() == 1
+  return kstep.stats(got[1])
+
+
 def test_controller_steps_sharded_equal_single_device(params):
   """The smoke case of the default run: 4 controller steps (estimates at steps 0 and 2) on a
   sharded batch with FSDP params give the one-device params and stats (K, the trace, the
@@ -337,14 +349,8 @@ def test_controller_steps_sharded_equal_single_device(params):
   one row per device) is the one-device sub-batch."""
   opt = kstep.k_controlled_sgd(0.5, batch_size=B, apply_fn=apply_mlp,
                                estimate=kstep.Estimate(every=2, probe_batch_size=8))
-  ref = run(jit_step(opt), params, opt.init(params), batches(4))
-  step, p0 = jit_step(opt), fsdp(params)
-  state = place_state(step, p0, opt.init(p0), jax.device_put(make_batch(), DATA))
-  got = run(step, p0, state, batches(4), with_guard_put)
-  compare_runs(ref, got)
-  stats = kstep.stats(got[1])
+  stats = sharded_equals_single_device(params, opt)
   assert float(stats["k"]) > 0 and float(stats["gn_lambda_max"]) > 0
-  assert step._cache_size() == 1
 
 
 @pytest.mark.parametrize("check_vma", [True, False])
@@ -422,15 +428,8 @@ def make_adam(axis_name=None):
 def test_adam_controller_sharded_equals_single_device(params):
   """k_controlled_adam on a sharded batch with FSDP params (P read from Adam's sharded second
   moment) gives the one-device params and stats, compiled once."""
-  opt = make_adam()
-  ref = run(jit_step(opt), params, opt.init(params), batches(4))
-  step, p0 = jit_step(opt), fsdp(params)
-  state = place_state(step, p0, opt.init(p0), jax.device_put(make_batch(), DATA))
-  got = run(step, p0, state, batches(4), with_guard_put)
-  compare_runs(ref, got)
-  stats = kstep.stats(got[1])
+  stats = sharded_equals_single_device(params, make_adam())
   assert float(stats["k"]) > 0 and float(stats["gn_lambda_max"]) > 0
-  assert step._cache_size() == 1
 
 
 @pytest.mark.parametrize("check_vma", [True, False])
