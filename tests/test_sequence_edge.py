@@ -1,0 +1,36 @@
+"""benchmarks.sequence_edge: the bisection, the divergence rule and the two K conventions."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from benchmarks import sequence_edge as se
+
+
+def test_divergence_rule():
+  assert se.diverges(np.array([5.0, np.nan]))
+  assert se.diverges(np.r_[np.full(10, 5.0), np.full(20, 6.0)])
+  assert not se.diverges(np.r_[np.full(10, 5.0), np.full(20, 4.0)])
+
+
+@pytest.mark.slow
+def test_edge_brackets_a_divergent_and_a_stable_step_and_k_conventions_differ_by_t():
+  data = np.frombuffer(b"the quick brown fox jumps over the lazy dog. " * 120, np.uint8)
+  model = se.TinyLM()
+  measure, train = se.make_fns(model)
+  params = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+  b, t = 2, 8
+  xs = jnp.asarray(se.batches(data, b, t, se.STEPS, 0))
+  eta, stable = se.edge_step(train, params, xs, iters=6)
+  assert stable is not None
+  # The bisection's last bracket: stable two bisection widths below, divergent far above.
+  assert not se.diverges(np.asarray(train(params, xs, jnp.float32(eta / 2))[0]))
+  assert se.diverges(np.asarray(train(params, xs, jnp.float32(eta * 30))[0]))
+  s_tok, lam = se.curvature(measure, params, data, b, t, 0)
+  assert s_tok > 0 and lam > 0
+  row = {"seed": 0, "B": b, "T": t, "eta_star": eta, "S_tok": s_tok,
+         "K_tok": eta * s_tok / (2 * b * t), "K_seq": eta * s_tok / (2 * b),
+         "curvature_ratio": eta * lam / 2}
+  assert row["K_seq"] == pytest.approx(t * row["K_tok"])
+  assert "| 2 | 8 |" in se.summary([row])
