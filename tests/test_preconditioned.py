@@ -369,3 +369,10 @@ def test_inject_hyperparams_exposes_adams_hyperparameters():
   u, state = jax.jit(lambda g, s: opt.update(g, s, params, batch=batch))(grads, state)
   v, _ = plain.update(grads, plain.init(params), params, batch=batch)
   np.testing.assert_allclose(ravel_pytree(u)[0], ravel_pytree(v)[0], rtol=3e-5, atol=1e-9)
+
+
+def test_quickstart_with_adam_trains_at_a_base_lr_far_too_large():
+  from conftest import load_example
+
+  accuracy = load_example("quickstart").main(["--adam", "--steps", "200"])
+  assert accuracy > 0.9
