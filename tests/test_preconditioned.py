@@ -124,13 +124,13 @@ def test_adam_controller_reads_p_from_adams_state_at_the_step_taken():
   b, c = 12, 3
   assert float(s["k_trace"]) == pytest.approx(trace, rel=1e-3)
   assert float(s["k"]) == pytest.approx(eta * trace / c / (2 * b), rel=1e-3)
-  # The band's top (1.1) or the guard's cap 0.5 · 38 / λ̄, whichever is lower, from base LR 30;
+  # The band's top (1.1) or the guard's cap 0.25 · 38 / λ̄, whichever is lower, from base LR 30;
   # λ̄ is a lower bound held from one of the steps' preconditioned λ_max.
   edge = 2 * (1 + b1) / (1 - b1)
   assert float(kstep.curvature_edge(b1, ema=True)) == pytest.approx(edge)
   assert float(s["sharpness_ratio"]) == pytest.approx(eta * float(s["gn_lambda_max"]) / edge,
                                                       rel=1e-5)
-  expected = min(1.1 * 2 * b / (trace / c), 0.5 * edge / float(s["gn_lambda_max"]))
+  expected = min(1.1 * 2 * b / (trace / c), 0.25 * edge / float(s["gn_lambda_max"]))
   assert eta == pytest.approx(expected, rel=1e-4)
   lams = [lam for _, lam in dense]
   assert min(lams) * 0.5 <= float(s["gn_lambda_max"]) <= max(lams) * (1 + 1e-4), lams

@@ -134,7 +134,7 @@ def build(learning_rate, *, apply_fn, loss, target, decay_steps, momentum, neste
   probe_batch_size, smoothing, max_change = (estimate.probe_batch_size, estimate.smoothing,
                                              estimate.max_change)
   probe_scope, seed = estimate.probe_scope, estimate.seed
-  guard_ratio = options.resolve_guard_ratio(guard, loss)
+  guard_ratio = options.resolve_guard_ratio(guard, loss, adaptive)
   # Without a guard only the floor's NTK probe follows refresh_every (the Guard's default).
   power_iters = options.guard_or_default(guard).power_iters
   refresh_every = options.guard_or_default(guard).refresh_every

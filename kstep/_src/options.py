@@ -22,6 +22,8 @@ CROSS_ENTROPY_TARGET = (0.7, 0.8)
 # per-output band scaled as SGD's are (not swept).
 ADAPTIVE_TARGETS = {"per_output": (0.55, 1.1), "max_output": (0.55, 1.1), "total": (0.9, 1.8)}
 ADAPTIVE_CROSS_ENTROPY_TARGET = (1.6, 6.4)
+# The adaptive controller's guard ratio, every loss (docs/defaults.md, "Adam's guard ratio").
+ADAPTIVE_MAX_SHARPNESS_RATIO = 0.25
 # The trace floor ρ and the guard ratio r: "auto" resolves per loss.
 CROSS_ENTROPY_TRACE_FLOOR = 0.03
 DEFAULT_MAX_SHARPNESS_RATIO = 0.5
@@ -166,11 +168,14 @@ def default_target(loss: Any, output_norm: str, adaptive: bool = False) -> tuple
   return (ADAPTIVE_TARGETS if adaptive else DEFAULT_TARGETS)[output_norm]
 
 
-def resolve_guard_ratio(guard: Guard | None, loss: Any) -> Any:
-  """r for ``guard`` and ``loss`` (``"auto"`` resolved); None without a guard."""
+def resolve_guard_ratio(guard: Guard | None, loss: Any, adaptive: bool = False) -> Any:
+  """r for ``guard`` and ``loss`` (``"auto"`` resolved; ``adaptive``: the adaptive controller's,
+  0.25 for every loss); None without a guard."""
   if guard is None:
     return None
   if isinstance(guard.ratio, str):
+    if adaptive:
+      return ADAPTIVE_MAX_SHARPNESS_RATIO
     named_ce = _named_cross_entropy(loss)
     return CROSS_ENTROPY_MAX_SHARPNESS_RATIO if named_ce else DEFAULT_MAX_SHARPNESS_RATIO
   return guard.ratio

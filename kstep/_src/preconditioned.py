@@ -80,7 +80,8 @@ def scale_by_preconditioned_k_control(
     max_scale: if given (> 0), the step never exceeds ``max_scale · η_base``.
     trace_floor: ρ ≥ 0, ``"auto"`` or ``None``, on the preconditioned traces.
     estimate: a :class:`kstep.Estimate` (the fused ``probe=`` is not supported here).
-    guard: a :class:`kstep.Guard` on ``η·λ_max(P⁻¹G) ≤ r·E_P``, or ``None``.
+    guard: a :class:`kstep.Guard` on ``η·λ_max(P⁻¹G) ≤ r·E_P`` (``"auto"``: r = 0.25), or
+      ``None``.
     axis_name: the batch's axis inside ``shard_map``/``pmap``.
 
   Returns:
@@ -176,7 +177,8 @@ def k_controlled_adam(
     batch_size: B; ``None`` reads it from the outputs (effective batch under accumulation).
     trace_floor: ρ ≥ 0, ``"auto"`` or ``None``, as for SGD, on the preconditioned traces.
     estimate: a :class:`kstep.Estimate` (the fused ``probe=`` is not supported here).
-    guard: a :class:`kstep.Guard` on ``η·λ_max(P⁻¹G)``, or ``None``.
+    guard: a :class:`kstep.Guard` on ``η·λ_max(P⁻¹G) ≤ r·2(1 + β₁)/(1 − β₁)``
+      (``ratio="auto"``: r = 0.25), or ``None``.
     axis_name: the batch's axis inside ``shard_map``/``pmap``.
 
   Returns:
