@@ -252,7 +252,9 @@ def _check_measurements(name: str, problem: Problem, params, state) -> None:
     p = np.sqrt(np.asarray(adam.nu, np.float64) / (1 - 0.999 ** int(adam.count))) + 1e-8
     p = np.maximum(p, 0.1 * p.mean())
     np.testing.assert_allclose(s["k_trace"], np.sum(np.square(jac) / p), rtol=0.1)
-    assert 0 < float(s["k"]) < 1 and int(s["k_num_skipped"]) == 0
+    # K_P within Adam's MSE band, whose top (1.1) sits above SGD's K < 1.
+    top = kstep._src.options.ADAPTIVE_TARGETS["per_output"][1]
+    assert 0 < float(s["k"]) <= top * (1 + 1e-6) and int(s["k_num_skipped"]) == 0
   else:
     np.testing.assert_allclose(s["k_trace"], np.sum(np.square(jac)), rtol=0.05)
     assert 0 < float(s["k"]) < 1 and int(s["k_num_skipped"]) == 0
