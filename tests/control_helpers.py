@@ -286,3 +286,18 @@ def assert_state_finite(state, guard, floor=False):
   rest = [x for x in jax.tree.leaves(state, is_leaf=lambda x: x is inner) if x is not inner]
   assert all_finite(rest)
   assert all_finite(inner._replace(**{name: 0.0 for name in inner.STATS_FIELDS}))
+
+
+def diverges_on_quadratic(opt, lam: float, steps: int = 3000) -> bool:
+  """Whether ``opt`` (an optax transformation) leaves |θ| < 1 after ``steps`` updates on
+  f(θ) = λθ²/2 from θ = 1 (float64 where x64 is enabled): the curvature edge checks."""
+  theta = jnp.ones((), jnp.float64) if jax.config.jax_enable_x64 else jnp.ones(())
+  state = opt.init(theta)
+
+  def body(carry, _):
+    th, st = carry
+    u, st = opt.update(lam * th, st, th)
+    return (th + u, st), None
+
+  (theta, _), _ = jax.lax.scan(body, (theta, state), None, length=steps)
+  return not bool(jnp.abs(theta) < 1.0)

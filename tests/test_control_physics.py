@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from control_helpers import diverges_on_quadratic
 from sklearn.datasets import load_digits
 
 import kstep
@@ -86,17 +87,7 @@ def test_max_output_k_is_one_at_the_simulated_edge(case):
 
 
 def quadratic_diverges(eta, lam, momentum, nesterov):
-  opt = optax.sgd(eta, momentum=momentum, nesterov=nesterov)
-  theta = jnp.ones((), jnp.float64) if jax.config.jax_enable_x64 else jnp.ones(())
-  state = opt.init(theta)
-
-  def body(carry, _):
-    th, st = carry
-    u, st = opt.update(lam * th, st, th)
-    return (th + u, st), None
-
-  (theta, _), _ = jax.lax.scan(body, (theta, state), None, length=3000)
-  return not bool(jnp.abs(theta) < 1.0)
+  return diverges_on_quadratic(optax.sgd(eta, momentum=momentum, nesterov=nesterov), lam)
 
 
 @pytest.mark.parametrize("momentum", [0.0, 0.5, 0.9])

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from control_helpers import diverges_on_quadratic
 from jax.flatten_util import ravel_pytree
 
 import kstep
@@ -254,6 +255,8 @@ def test_fused_probe_and_missing_batch_are_refused_clearly():
     opt.update(grads, state, params, batch=batch, probe=object())
   with pytest.raises(ValueError, match="kstep.Preconditioner"):
     kstep.scale_by_preconditioned_k_control(optax.scale_by_adam(), 1e-3, apply_fn=_mlp)
+  with pytest.raises(ValueError, match="kstep.Preconditioner.*or None"):
+    kstep.track_k(_mlp, learning_rate=1e-3, preconditioner=optax.scale_by_adam())
 
 
 def test_adam_controller_trains_at_any_base_lr_without_host_transfers():
@@ -295,17 +298,8 @@ def test_ema_curvature_edge_matches_ema_momentum_on_a_quadratic(beta):
   edge = float(kstep.curvature_edge(beta, ema=True))
   assert edge == pytest.approx(2 * (1 + beta) / (1 - beta), rel=1e-6)
 
-  def diverges(eta):
-    opt = optax.chain(optax.ema(beta, debias=False), optax.scale(-eta))
-    theta, state = jnp.ones(()), opt.init(jnp.ones(()))
-
-    def body(carry, _):
-      th, st = carry
-      u, st = opt.update(lam * th, st, th)
-      return (th + u, st), None
-
-    (theta, _), _ = jax.lax.scan(body, (theta, state), None, length=3000)
-    return not bool(jnp.abs(theta) < 1.0)
+  diverges = lambda eta: diverges_on_quadratic(
+      optax.chain(optax.ema(beta, debias=False), optax.scale(-eta)), lam)
 
   assert not diverges(0.98 * edge / lam)
   assert diverges(1.02 * edge / lam)

@@ -222,7 +222,9 @@ def build(learning_rate, *, apply_fn, loss, target, decay_steps, momentum, neste
     if decay_fn is not None:
       d = arguments.schedule_value(decay_fn, count)
       lo, hi = d * lo, d * hi
-    alpha = 1.0 if ema else 1.0 - jnp.asarray(momentum, jnp.float32)
+    # An EMA momentum's step is η(1 − μ) in heavy-ball terms: K counts it as no momentum (α = 1).
+    k_momentum = 0.0 if ema else momentum
+    alpha = 1.0 - jnp.asarray(k_momentum, jnp.float32)
     has_scale = state.k_num_estimates > 0
     eta_one = 2.0 * alpha * b / jnp.where(has_scale, state.k_scale, 1.0)
     eta = jnp.where(has_scale, jnp.clip(base, lo * eta_one, hi * eta_one), base)
@@ -237,8 +239,8 @@ def build(learning_rate, *, apply_fn, loss, target, decay_steps, momentum, neste
       capped = has_lam & (eta > cap)
       eta = jnp.where(capped, cap, eta)
       ratio = jnp.where(has_lam, eta * state.gn_lambda_max / edge, jnp.nan)
-    k = jnp.where(has_scale, noise_kernel.k_from_trace(
-        eta, b, state.k_scale, 0.0 if ema else momentum), jnp.nan)
+    k = jnp.where(has_scale, noise_kernel.k_from_trace(eta, b, state.k_scale, k_momentum),
+                  jnp.nan)
     updates = jax.tree.map(lambda u: (-eta * u).astype(u.dtype), updates)
     state = state._replace(
         count=optax.safe_increment(count), k=k.astype(jnp.float32), k_learning_rate=eta,

@@ -16,11 +16,11 @@ from typing import Any, Callable, NamedTuple
 import jax
 import optax
 
-from kstep._src import arguments, control
+from kstep._src import arguments, control, preconditioners
 from kstep._src.control_state import ScaleByKControlState
 from kstep._src.estimators.data_axis import AxisName
 from kstep._src.options import Estimate, Guard
-from kstep._src.preconditioners import Preconditioner, adam_preconditioner, inverse_sqrt
+from kstep._src.preconditioners import Preconditioner, adam_preconditioner
 
 Array = jax.Array
 PyTree = Any
@@ -104,28 +104,19 @@ def scale_by_preconditioned_k_control(
     Agarwala & Pennington, `High dimensional analysis reveals conservative sharpening and a
     stochastic edge of stability <https://arxiv.org/abs/2404.19261>`_, 2024.
   """
-  if not isinstance(preconditioner, Preconditioner):
-    raise ValueError("`preconditioner` must be a kstep.Preconditioner (e.g. "
-                     f"kstep.adam_preconditioner()); got {preconditioner!r}.")
-  inner = optax.with_extra_args_support(preconditioner.transform)
+  preconditioners.check(preconditioner, optional=False)
   ctrl_init, step = control.build(
       learning_rate, apply_fn=apply_fn, loss=loss, target=target, decay_steps=decay_steps,
       momentum=preconditioner.momentum, nesterov=False, batch_size=batch_size,
       max_scale=max_scale, trace_floor=trace_floor, estimate=estimate, guard=guard,
       axis_name=axis_name, ema=preconditioner.ema, adaptive=True)
 
-  def init_fn(params: PyTree) -> PreconditionedKControlState:
-    return PreconditionedKControlState(inner.init(params), ctrl_init(params))
-
-  def update_fn(updates, state: PreconditionedKControlState, params=None, **extra_args):
+  def control_step(updates, state: ScaleByKControlState, params, extra_args, inv_sqrt):
     params, batch = arguments.check_call(params, extra_args)
-    updates, inner_state = inner.update(updates, state.preconditioner, params, **extra_args)
-    inv_sqrt = lambda: inverse_sqrt(preconditioner.diagonal(inner_state))
-    updates, ctrl = step(updates, state.control, params, batch, extra_args.get("probe"),
-                         inv_sqrt)
-    return updates, PreconditionedKControlState(inner_state, ctrl)
+    return step(updates, state, params, batch, extra_args.get("probe"), inv_sqrt)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return preconditioners.wrap(preconditioner, ctrl_init, control_step,
+                              PreconditionedKControlState)
 
 
 def k_controlled_adam(

@@ -149,3 +149,39 @@ def inverse_sqrt(diagonal: PyTree, floor: float = DIAGONAL_FLOOR) -> PyTree:
     return jax.lax.rsqrt(jnp.maximum(p, jnp.maximum(floor * jnp.mean(p), tiny)))
 
   return jax.tree.map(one, diagonal)
+
+
+def check(preconditioner: Any, optional: bool) -> None:
+  """Raises ``ValueError`` unless ``preconditioner`` is a :class:`Preconditioner` (or None where
+  ``optional``)."""
+  if preconditioner is None and optional:
+    return
+  if not isinstance(preconditioner, Preconditioner):
+    none = " or None" if optional else ""
+    raise ValueError("`preconditioner` must be a kstep.Preconditioner (e.g. "
+                     f"kstep.adam_preconditioner()){none}; got {preconditioner!r}.")
+
+
+def wrap(preconditioner: Preconditioner, init_fn: Callable[[PyTree], Any],
+         update_fn: Callable[..., tuple[PyTree, Any]],
+         state_cls: type) -> optax.GradientTransformationExtraArgs:
+  """``preconditioner``'s transform followed by a measuring link, as one optax transformation.
+
+  ``update_fn(updates, state, params, extra_args, inv_sqrt)`` gets the preconditioned updates
+  and ``inv_sqrt``, a function returning ``P^{-1/2}`` (:func:`inverse_sqrt`) read from the
+  transform's state after its update, to be called only inside a measurement. The state is
+  ``state_cls(<the transform's state>, <init_fn's state>)``, a NamedTuple of those two fields in
+  that order (the controller's and the trackers').
+  """
+  inner = optax.with_extra_args_support(preconditioner.transform)
+
+  def init(params: PyTree) -> Any:
+    return state_cls(inner.init(params), init_fn(params))
+
+  def update(updates, state, params=None, **extra_args):
+    updates, inner_state = inner.update(updates, state[0], params, **extra_args)
+    inv_sqrt = lambda: inverse_sqrt(preconditioner.diagonal(inner_state))
+    updates, own = update_fn(updates, state[1], params, extra_args, inv_sqrt)
+    return updates, state_cls(inner_state, own)
+
+  return optax.GradientTransformationExtraArgs(init, update)

@@ -136,32 +136,14 @@ def with_preconditioner(preconditioner: Any, init_fn, update_fn):
   params, extra_args, inv_sqrt)``.
 
   Without a ``preconditioner`` (None) it passes the updates through and ``inv_sqrt`` is None.
-  With one, it runs the preconditioner's transform first (it *is* that link of the chain, e.g.
-  in place of ``optax.scale_by_adam``) and hands the tracker ``inv_sqrt``, a function returning
-  ``P^{-1/2}`` read from the transform's state after its update (called only inside a
-  measurement).
-
-  Raises:
-    ValueError: ``preconditioner`` is neither None nor a :class:`kstep.Preconditioner`.
+  With one it runs the preconditioner's transform first (it *is* that link of the chain, e.g.
+  in place of ``optax.scale_by_adam``; :func:`kstep._src.preconditioners.wrap`), with state
+  :class:`PreconditionedTrackerState`.
   """
   if preconditioner is None:
     return optax.GradientTransformationExtraArgs(
         init_fn, lambda u, s, params=None, **extra: update_fn(u, s, params, extra, None))
-  if not isinstance(preconditioner, preconditioners.Preconditioner):
-    raise ValueError("`preconditioner` must be a kstep.Preconditioner (e.g. "
-                     f"kstep.adam_preconditioner()) or None; got {preconditioner!r}.")
-  inner = optax.with_extra_args_support(preconditioner.transform)
-
-  def init(params: Any) -> PreconditionedTrackerState:
-    return PreconditionedTrackerState(inner.init(params), init_fn(params))
-
-  def update(updates, state: PreconditionedTrackerState, params=None, **extra_args):
-    updates, inner_state = inner.update(updates, state.preconditioner, params, **extra_args)
-    inv_sqrt = lambda: preconditioners.inverse_sqrt(preconditioner.diagonal(inner_state))
-    updates, tracker = update_fn(updates, state.tracker, params, extra_args, inv_sqrt)
-    return updates, PreconditionedTrackerState(inner_state, tracker)
-
-  return optax.GradientTransformationExtraArgs(init, update)
+  return preconditioners.wrap(preconditioner, init_fn, update_fn, PreconditionedTrackerState)
 
 
 def momentum_and_ema(preconditioner: Any, momentum: Any) -> tuple[Any, bool]:
@@ -169,8 +151,10 @@ def momentum_and_ema(preconditioner: Any, momentum: Any) -> tuple[Any, bool]:
   must be 0), else ``momentum``; and whether it is an EMA.
 
   Raises:
-    ValueError: both are nonzero.
+    ValueError: ``preconditioner`` is neither None nor a :class:`kstep.Preconditioner`; both
+      momenta are nonzero.
   """
+  preconditioners.check(preconditioner, optional=True)
   if preconditioner is None or float(preconditioner.momentum) == 0.0:
     return momentum, False
   if not (arguments.is_number(momentum) and float(momentum) == 0.0):
