@@ -211,10 +211,9 @@ def build(learning_rate, *, apply_fn, loss, target, decay_steps, momentum, neste
       fused.check_probe(probe, loss=spec, trace_floor=trace_floor, num_probes=num_probes,
                         power_iters=power_iters, probe_batch_size=probe_batch_size,
                         estimator=estimator, output_norm=norm, axis_name=axis_name)
-    state = jax.lax.cond(
-        periodic.due(state.count, every, updates),  # after the backward pass
-        lambda s: estimate(s, params, batch, probe, c, inv_sqrt), lambda s: s, state,
-    )
+    state = periodic.when_due(  # after the backward pass
+        state.count, every, updates, lambda s: estimate(s, params, batch, probe, c, inv_sqrt),
+        state)
     count = state.count
     base = arguments.schedule_value(learning_rate, count)
     lo = arguments.schedule_value(lo_sched, count)

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kstep._src import arguments, control_state, k_estimate, losses, options
+from kstep._src import arguments, control_state, conv_layout, k_estimate, losses, options
 from kstep._src.control_state import ScaleByKControlState
 from kstep._src.estimators import linearization, products, traces
 from kstep._src.estimators import tree_math as tm
@@ -246,8 +246,9 @@ def value_and_grad(
     ctl = controller_state(state)
     mode = ctl.next_estimate
     branch = jnp.where(mode == control_state.FULL, 1, jnp.where(mode == control_state.LIGHT, 2, 0))
-    return jax.lax.switch(branch, [lambda: plain(params, batch, ctl),
-                                   lambda: fused(params, batch, ctl, True),
-                                   lambda: fused(params, batch, ctl, False)])
+    # Each branch's convolutions in XLA:CPU's fast order (kstep._src.conv_layout).
+    return jax.lax.switch(branch, [conv_layout.canonical_convs(b) for b in (
+        lambda: plain(params, batch, ctl), lambda: fused(params, batch, ctl, True),
+        lambda: fused(params, batch, ctl, False))])
 
   return f

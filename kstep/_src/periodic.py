@@ -6,14 +6,17 @@ only params and the batch, so XLA is free to schedule the cond anywhere in the t
 XLA:CPU placed it right after the first layer's forward pass, in the middle of the step (MNIST
 MLP, 2 cores). ``lax.optimization_barrier`` does not help there: XLA:CPU's pipeline removes it
 (it is absent from the optimised HLO). :func:`due` makes the predicate itself depend on the
-updates, so the cond runs after the backward pass.
+updates, so the cond runs after the backward pass. :func:`when_due` is that cond, with the
+convolutions of the measurement in XLA:CPU's fast order (:mod:`kstep._src.conv_layout`).
 """
 
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+
+from kstep._src import conv_layout
 
 Array = jax.Array
 
@@ -46,3 +49,10 @@ def _explicitly_sharded(x: Any) -> bool:
   element is a sharding error; such leaves are left out of the tie."""
   spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
   return spec is not None and any(s is not None for s in spec)
+
+
+def when_due(count: Array, every: int, updates: Any, measure: Callable[[Any], Any], state: Any):
+  """``measure(state)`` where :func:`due`, else ``state``: one ``lax.cond`` whose true branch has
+  its convolutions in the canonical order (:func:`kstep._src.conv_layout.canonical_convs`)."""
+  return jax.lax.cond(due(count, every, updates), conv_layout.canonical_convs(measure),
+                      lambda s: s, state)

@@ -174,10 +174,8 @@ def track_batch_sharpness(
     common.check_params(params, "track_batch_sharpness")
     arguments.check_real_params(params, "track_batch_sharpness")
     batch = common.get_batch(extra_args, "track_batch_sharpness")
-    new_state = jax.lax.cond(
-        periodic.due(state.count, every, updates), lambda s: measure(s, params, batch),
-        lambda s: s, state,
-    )
+    new_state = periodic.when_due(state.count, every, updates,
+                                  lambda s: measure(s, params, batch), state)
     bs = new_state.batch_sharpness  # NaN before the first valid measurement
     return updates, new_state._replace(
         count=optax.safe_increment(state.count),

@@ -176,10 +176,8 @@ def track_k(
     common.check_params(params, "track_k")
     batch = common.get_batch(extra_args, "track_k")
     b, c = k_estimate.batch_rows(apply_fn, params, batch, batch_size, axis_name=axis_name)
-    new_state = jax.lax.cond(
-        periodic.due(state.count, every, updates), lambda s: measure(s, params, batch, inv_sqrt),
-        lambda s: s, state,
-    )
+    new_state = periodic.when_due(state.count, every, updates,
+                                  lambda s: measure(s, params, batch, inv_sqrt), state)
     eta = arguments.schedule_value(learning_rate, state.count)
     k = noise_kernel.k_from_trace(eta, b, new_state.k_scale, 0.0 if ema else momentum)
     return updates, new_state._replace(

@@ -194,11 +194,8 @@ def track_lambda_max(
     common.check_params(params, "track_lambda_max")
     arguments.check_real_params(params, "track_lambda_max")
     batch = common.get_batch(extra_args, "track_lambda_max", allow_measure_batch=True)
-    new_state = jax.lax.cond(
-        periodic.due(state.count, every, updates),
-        lambda s: measure(s, params, batch, inv_sqrt),
-        lambda s: s, state,
-    )
+    new_state = periodic.when_due(state.count, every, updates,
+                                  lambda s: measure(s, params, batch, inv_sqrt), state)
     edge = common.edge_ratio(
         learning_rate, state.count, new_state.lambda_max, curvature_edge(momentum, ema=ema)
     )
