@@ -31,9 +31,10 @@ def _json_dict(s: str) -> dict:
 
 
 def _common(p: argparse.ArgumentParser, task: bool = True, batch_list: bool = True,
-            results_dir: pathlib.Path = results_io.RUNS_DIR) -> None:
+            results_dir: pathlib.Path = results_io.RUNS_DIR,
+            task_choices: tuple[str, ...] = tasks.TASKS) -> None:
   if task:
-    p.add_argument("task", choices=tasks.TASKS)
+    p.add_argument("task", choices=task_choices)
     p.add_argument("--scale", choices=("cpu", "gpu"), default="cpu",
                    help="cpu: the CPU configs (cifar: reduced ResNet); gpu: full ResNet-18")
     p.add_argument("--losses", type=_strs, default=None, help="comma list of mse,ce")
@@ -123,7 +124,7 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--no-plots", action="store_true", help="keep the plots already there")
 
   p = sub.add_parser("overhead", help="steps/s of k_controlled_sgd vs optax.sgd, interleaved")
-  _common(p, batch_list=False)
+  _common(p, batch_list=False, task_choices=tasks.TASKS + tasks.SYNTHETIC_TASKS)
   p.add_argument("--every", type=_ints, default=[1, 10, 100])
   p.add_argument("--rounds", type=int, default=7)
   p.add_argument("--chunk", type=int, default=200, help="steps per timed chunk")
@@ -136,6 +137,9 @@ def _parser() -> argparse.ArgumentParser:
                       "fused, fused1: the fused path (kstep.value_and_grad) at every=10 and 1; "
                       "adam, adam1, adam_rare: k_controlled_adam at every=10, 1, 1000 against "
                       "optax.adamw (default: fused,fused1)")
+  p.add_argument("--calls", choices=("scan", "step"), default="scan",
+                 help="scan: each chunk one jitted lax.scan; step: one jitted step per Python "
+                      "call (what most training loops do; dispatch costs show)")
   p.add_argument("--processes", type=int, default=1,
                  help="repeat the whole measurement in this many fresh processes, one after "
                       "another, and report the median and range of their medians (on a 2-core "

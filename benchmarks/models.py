@@ -1,4 +1,4 @@
-"""Flax (linen) models of the benchmarks: an MLP, a LayerNorm ResNet and a BatchNorm ResNet.
+"""Flax (linen) models of the benchmarks: an MLP, LayerNorm ResNets and a BatchNorm ResNet.
 
 The MLP and the LayerNorm ResNet are pure functions ``apply(params, x) -> logits``: the
 per-example outputs the K controller differentiates do not depend on the rest of the batch.
@@ -73,6 +73,40 @@ class ResNet(nn.Module):
         x = BasicBlock(self.width * 2**stage, stride)(x)
     x = jnp.mean(x, axis=(1, 2))
     return nn.Dense(self.num_classes)(x)
+
+
+class PreActBlock(nn.Module):
+  """Pre-activation residual block (LayerNorm, GELU, 3x3 conv, twice)."""
+
+  features: int
+  stride: int = 1
+
+  @nn.compact
+  def __call__(self, x):
+    y = nn.gelu(nn.LayerNorm()(x))
+    residual = x
+    if x.shape[-1] != self.features or self.stride != 1:
+      residual = nn.Conv(self.features, (1, 1), (self.stride, self.stride), use_bias=False)(y)
+    y = nn.Conv(self.features, (3, 3), (self.stride, self.stride), padding=1, use_bias=False)(y)
+    y = nn.gelu(nn.LayerNorm()(y))
+    y = nn.Conv(self.features, (3, 3), padding=1, use_bias=False)(y)
+    return y + residual
+
+
+class PreActResNet(nn.Module):
+  """Small pre-activation ResNet (LayerNorm, GELU): a 3x3 stem, one block per width (stride 2
+  where the width grows), global average pooling, a dense head."""
+
+  widths: Sequence[int] = (32, 64, 64)
+  num_classes: int = 10
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Conv(self.widths[0], (3, 3), padding=1, use_bias=False)(x)
+    for i, w in enumerate(self.widths):
+      x = PreActBlock(w, 2 if i > 0 and w != self.widths[i - 1] else 1)(x)
+    x = nn.gelu(nn.LayerNorm()(x))
+    return nn.Dense(self.num_classes)(jnp.mean(x, axis=(1, 2)))
 
 
 class BNBasicBlock(nn.Module):

@@ -77,7 +77,7 @@ def _variant_name(variant: str) -> str:
   return f"kstep_every{every}_{variant}"
 
 
-def _builders(problem: tasks.Problem, everies, variants):
+def _builders(problem: tasks.Problem, everies, variants, calls: str = "scan"):
   apply_fn = lambda params, batch: problem.apply(params, batch["x"])
   kloss = KSTEP_LOSS[problem.loss]
 
@@ -104,19 +104,27 @@ def _builders(problem: tasks.Problem, everies, variants):
                                                   **optimizers.kstep_options(VARIANTS[v]))
            for v in variants if v in FUSED}
 
+  def one_step(opt, fused_grad):
+    def step(params, state, batch):
+      if fused_grad is not None:
+        (loss, probe), grads = fused_grad(params, batch, state=state)
+        updates, state = opt.update(grads, state, params, batch=batch, probe=probe)
+      else:
+        loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+        updates, state = opt.update(grads, state, params, batch=batch)
+      return optax.apply_updates(params, updates), state, loss
+    return step
+
   def train_chunk(opt, fused_grad):
+    step = one_step(opt, fused_grad)
+    if calls == "step":  # one jitted step per Python call, as most training loops run
+      return jax.jit(step)
+
     @jax.jit
     def run(params, state, idx, x, y):
       def body(carry, i):
-        params, state = carry
-        batch = {"x": x[i], "y": y[i]}
-        if fused_grad is not None:
-          (loss, probe), grads = fused_grad(params, batch, state=state)
-          updates, state = opt.update(grads, state, params, batch=batch, probe=probe)
-        else:
-          loss, grads = jax.value_and_grad(loss_fn)(params, batch)
-          updates, state = opt.update(grads, state, params, batch=batch)
-        return (optax.apply_updates(params, updates), state), loss
+        params, state, loss = step(*carry, {"x": x[i], "y": y[i]})
+        return (params, state), loss
       return jax.lax.scan(body, (params, state), idx)
     return run
 
@@ -142,7 +150,7 @@ def main(args: argparse.Namespace) -> None:
 def _one_process_command(args: argparse.Namespace, loss: str, results_dir) -> list[str]:
   cmd = [sys.executable, "-m", "benchmarks", "overhead", args.task, "--scale", args.scale,
          "--losses", loss, "--every", ",".join(map(str, args.every)),
-         "--rounds", str(args.rounds), "--chunk", str(args.chunk),
+         "--rounds", str(args.rounds), "--chunk", str(args.chunk), "--calls", args.calls,
          "--variants", ",".join(args.variants), "--results-dir", str(results_dir), "--force"]
   for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size),
                       ("--data-dir", args.data_dir)):
@@ -214,24 +222,56 @@ def _quartiles(a: np.ndarray) -> dict:
           "q75": float(np.percentile(a, 75))}
 
 
+COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
+                  "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                  "/jax/core/compile/backend_compile_duration")
+_compile_seconds = [0.0]
+
+
+def _on_event(event: str, duration: float, **_) -> None:
+  if event in COMPILE_EVENTS:
+    _compile_seconds[0] += duration
+
+
+jax.monitoring.register_event_duration_secs_listener(_on_event)
+
+
+def _chunk_runner(fn, calls: str, idx, x, y):
+  """``carry -> carry`` over one chunk of steps: one call of the scanned chunk, or one Python
+  call of the jitted step per batch (batches sliced on device beforehand)."""
+  if calls == "scan":
+    return lambda carry: jax.block_until_ready(fn(*carry, idx, x, y))[0]
+  batches = [{"x": x[i], "y": y[i]} for i in np.asarray(idx)]
+
+  def run(carry):
+    params, state = carry
+    for batch in batches:
+      params, state, _ = fn(params, state, batch)
+    return jax.block_until_ready((params, state))
+  return run
+
+
 def measure(problem: tasks.Problem, args: argparse.Namespace, path) -> dict:
-  fns = _builders(problem, args.every, args.variants)
+  calls = getattr(args, "calls", "scan")
+  fns = _builders(problem, args.every, args.variants, calls)
   params = problem.init(jax.random.PRNGKey(0))
   x, y = jnp.asarray(problem.x_train), jnp.asarray(problem.y_train)
   idx = jnp.asarray(train.data_order(0, len(problem.x_train), args.chunk, problem.batch_size))
   carries = {name: (params, opt.init(params)) for name, (_, opt) in fns.items()}
-  compile_s = {}
-  for name, (fn, _) in fns.items():  # compile and warm up
+  runners = {name: _chunk_runner(fn, calls, idx, x, y) for name, (fn, _) in fns.items()}
+  compile_s, first_chunk_s = {}, {}
+  for name in fns:  # compile and warm up
+    _compile_seconds[0] = 0.0
     t0 = time.perf_counter()
-    carries[name] = jax.block_until_ready(fn(*carries[name], idx, x, y))[0]
-    compile_s[name] = time.perf_counter() - t0
+    carries[name] = runners[name](carries[name])
+    first_chunk_s[name] = time.perf_counter() - t0
+    compile_s[name] = _compile_seconds[0]
   times = {name: [] for name in fns}
   rng = np.random.default_rng(0)
   for _ in tqdm(range(args.rounds), desc=f"overhead {problem.task} {problem.loss}"):
     for name in rng.permutation(list(fns)):
-      fn = fns[name][0]
       t0 = time.perf_counter()
-      carries[name] = jax.block_until_ready(fn(*carries[name], idx, x, y))[0]
+      carries[name] = runners[name](carries[name])
       times[name].append(time.perf_counter() - t0)
   t = {k: np.asarray(v) for k, v in times.items()}
   # How often each controller ran its guard (and refreshed the floor) over the whole timing.
@@ -267,7 +307,10 @@ def measure(problem: tasks.Problem, args: argparse.Namespace, path) -> dict:
       "time_ratio_vs_sgd": ratios, "estimate_cost_in_steps": est,
       "estimate_cost_in_steps_fused": est_fused,
       "time_ratio_vs_sgd_of_min_times": min_ratios, "estimate_cost_in_steps_min": est_min,
-      "compile_and_first_chunk_s": compile_s,
+      "calls": calls, "compile_s": compile_s,
+      "compile_ratio_vs_sgd": {k: v / compile_s["sgd"] for k, v in compile_s.items()
+                               if k != "sgd"},
+      "compile_and_first_chunk_s": first_chunk_s,
       "guard_share_of_estimates": guard_share,
       "seconds_per_chunk": {k: v.tolist() for k, v in t.items()},
       "claim": "at the defaults (every=10) at most 1.06 x an optax.sgd step",
@@ -282,4 +325,5 @@ def measure(problem: tasks.Problem, args: argparse.Namespace, path) -> dict:
   print("min-time ratios", {k: round(v, 3) for k, v in min_ratios.items()})
   print("estimate cost in steps: median", est, "min", est_min, "fused (median)", est_fused)
   print("share of estimates with the guard's power steps", guard_share)
+  print("compile s", {k: round(v, 2) for k, v in compile_s.items()})
   return payload

@@ -135,6 +135,10 @@ DEFAULTS: dict[tuple[str, str], Defaults] = {
     ("cifar10_resnet18", "gpu"): Defaults(steps=1560, batch_size=128),
 }
 TASKS = ("digits_mlp", "mnist_mlp", "cifar10_resnet18", "cifar10_bn_resnet18")
+# Models on random data, for the overhead benchmark only (nothing to learn, nothing to evaluate).
+SYNTHETIC_TASKS = ("synthetic_convnet", "synthetic_tanh_mlp")
+DEFAULTS[("synthetic_convnet", "cpu")] = Defaults(steps=200, batch_size=32)
+DEFAULTS[("synthetic_tanh_mlp", "cpu")] = Defaults(steps=200, batch_size=128)
 DEFAULTS[("cifar10_bn_resnet18", "cpu")] = DEFAULTS[("cifar10_resnet18", "cpu")]
 DEFAULTS[("cifar10_bn_resnet18", "gpu")] = DEFAULTS[("cifar10_resnet18", "gpu")]
 # Rows of training data whose batch statistics (in chunks of CALIBRATION_CHUNK) give a BatchNorm
@@ -169,6 +173,13 @@ def _batchnorm_problem(task, scale, loss, data, model, batch_size, steps, notes)
       init=lambda key: model.init(key, jnp.asarray(x_train[:1]), train=False)["params"],
       eval_apply=eval_apply,
   )
+
+
+def _random(shape: tuple[int, ...], rows: int = 2048) -> tuple[np.ndarray, ...]:
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((rows, *shape)).astype(np.float32)
+  y = rng.integers(0, 10, rows).astype(np.int32)
+  return x, y, x[:256], y[:256]
 
 
 def defaults(task: str, scale: str) -> Defaults:
@@ -211,4 +222,13 @@ def load(task: str, loss: str, *, scale: str = "cpu", data_dir: str | None = Non
         task, label, loss, _cifar(data_dir, pool), model, batch_size, steps,
         f"{notes}; trained in train mode, evaluated on population statistics of "
         f"{CALIBRATION_ROWS} training rows")
-  raise ValueError(f"unknown task {task!r}; one of {TASKS} or linreg")
+  if task == "synthetic_convnet":
+    return _model_problem(task, "CPU", loss, _random((16, 16, 3)), models.PreActResNet(),
+                          batch_size, steps, "random 16x16x3 inputs and labels; pre-activation "
+                          "ResNet, LayerNorm, GELU, blocks of 32-64-64 channels (overhead only)")
+  if task == "synthetic_tanh_mlp":
+    model = models.MLP(width=256, depth=2, activation="tanh")
+    return _model_problem(task, "CPU", loss, _random((784,)), model, batch_size, steps,
+                          "random 784-dim inputs and labels; MLP 784-256-256-10 tanh "
+                          "(overhead only)")
+  raise ValueError(f"unknown task {task!r}; one of {TASKS + SYNTHETIC_TASKS} or linreg")

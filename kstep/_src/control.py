@@ -160,11 +160,13 @@ def build(learning_rate, *, apply_fn, loss, target, decay_steps, momentum, neste
 
   def measure(state: ScaleByKControlState, params: Any, batch: Any, cold: bool, full: bool,
               inv_sqrt: Callable[[], Any] | None):
-    # The first valid estimate sets S̄ alone, so it gets the whole batch, FIRST_PROBES times the
-    # probes and FIRST_POWER_ITERS power steps (one probe's spread is ~40% of T at init).
+    # The first valid estimate sets S̄ alone, so its trace gets the whole batch and FIRST_PROBES
+    # times the probes (one probe's spread is ~40% of T at init), and FIRST_POWER_ITERS power
+    # steps on the probe rows (those of every later estimate), one after another with a forward
+    # pass each: the memory of one probe, not more than the training step's (controller.md).
+    rows = k_estimate.probe_rows(apply_fn, params, batch, probe_batch_size, axis_name=axis_name)
     if not cold:
-      batch = k_estimate.probe_rows(apply_fn, params, batch, probe_batch_size,
-                                    axis_name=axis_name)
+      batch = rows
     return k_estimate.estimate(
         apply_fn, params, batch, loss=spec, key=jax.random.fold_in(state.key, state.count),
         output_norm=norm, num_probes=num_probes * (FIRST_PROBES if cold else 1),
@@ -174,6 +176,7 @@ def build(learning_rate, *, apply_fn, loss, target, decay_steps, momentum, neste
         ntk_scale=None if full or trace_floor is None else state.k_ntk_scale,
         axis_name=axis_name, probe_scope=probe_scope,
         inv_sqrt=None if inv_sqrt is None else inv_sqrt(),
+        power_batch=rows if cold and rows is not batch else None, one_at_a_time=cold,
     )
 
   def estimate(state: ScaleByKControlState, params: Any, batch: Any, probe: Any,

@@ -30,6 +30,7 @@ cross-entropies: at a uniform softmax H ≈ I/C, so the Gauss–Newton trace alr
 (``docs/design.md``, "Several outputs per example"; the evidence: ``docs/defaults.md``).
 """
 
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -181,14 +182,29 @@ def gauss_newton_power(
   """``num_iters`` (≥ 1, static) power steps on the Gauss–Newton matrix from ``v``, then the
   Rayleigh quotient of the last vector.
 
-  Returns ``(λ, u)``: u the unit vector after the steps, λ = ``uᵀ G u`` (a lower bound on
-  λ_max, from one more JVP: :func:`kstep._src.estimators.products.gauss_newton_quadratic`). Cost:
-  ``num_iters`` JVP+VJP pairs and one JVP. The same λ as ``num_iters + 1`` plain power steps
-  that read the quotient off the last product (a VJP more), whose vector is one step further;
-  here the next estimate continues from u (``docs/defaults.md``, the guard's power steps).
+  Returns ``(λ, u)``: λ = ``u_nᵀ G u_n`` (a lower bound on λ_max) of the vector ``u_n`` after
+  the steps. Up to two steps (the warm estimates): u = u_n and λ from one more JVP
+  (:func:`kstep._src.estimators.products.gauss_newton_quadratic`); ``num_iters`` JVP+VJP pairs
+  and one JVP, the same λ as ``num_iters + 1`` plain power steps that read the quotient off the
+  last product (a VJP more), whose vector is one step further; the next estimate continues from
+  u (``docs/defaults.md``, the guard's power steps). More steps (the first estimate) run in a
+  loop as those ``num_iters + 1`` plain steps, the quotient read inside the loop and u the
+  vector one step further: nothing of the linearisation is used after the loop, so XLA does not
+  keep a copy of it (on the conv net of ``docs/controller.md``, "Costs": 82 → 67 MiB for 20
+  steps on 32 rows).
   """
-  u = power_steps(lin, loss, batch, v, num_iters, axis_name=axis_name)
-  lam = products.gauss_newton_quadratic(lin, loss, batch, u, axis_name=axis_name)
+  if num_iters <= 2:
+    u = power_steps(lin, loss, batch, v, num_iters, axis_name=axis_name)
+    lam = products.gauss_newton_quadratic(lin, loss, batch, u, axis_name=axis_name)
+    return lam, u
+
+  def body(_, carry):
+    u, _ = carry
+    return power_update(
+        u, products.linearized_gauss_newton_vp(lin, loss, batch, u, axis_name=axis_name))
+
+  u = tm.unit(tm.f32(v))[0]
+  u, lam = jax.lax.fori_loop(0, num_iters + 1, body, (u, jnp.zeros((), jnp.float32)))
   return lam, u
 
 
@@ -209,6 +225,8 @@ def estimate(
     axis_name: AxisName = None,
     probe_scope: str = "global",
     inv_sqrt: PyTree | None = None,
+    power_batch: Any = None,
+    one_at_a_time: bool = False,
 ) -> KEstimate:
   """T̂, Ŝ and (with ``eigenvector``) the Gauss–Newton λ_max on ``batch``; see the module doc.
 
@@ -219,51 +237,116 @@ def estimate(
   (with ``trace_floor``; an earlier estimate's) replaces the floor's probe.
   ``inv_sqrt``: ``P^{-1/2}`` of a diagonal preconditioner P (params-shaped); every quantity is
   then that of the preconditioned model ``J P^{-1/2}`` (kernel ``J P⁻¹ Jᵀ``, Gauss–Newton
-  λ_max of ``P^{-1/2} G P^{-1/2}``, the eigenvector in its coordinates).
+  λ_max of ``P^{-1/2} G P^{-1/2}``, the eigenvector in its coordinates). ``power_batch``: other
+  rows for the power steps (a forward pass of their own). ``one_at_a_time`` (the controller's
+  first estimate, many probes and power steps): each probe and each power step runs its own
+  forward pass after the last one's result, in a loop, so the estimate needs the memory of one
+  probe (one forward pass and its VJP) rather than of ``num_probes`` VJPs at once, at the cost
+  of a forward pass per probe and per power step (``docs/controller.md``, "Costs").
   """
-  lin = linearization.precondition(
-      linearization.linearize(apply_fn, params, batch, axis_name=axis_name), inv_sqrt)
-  if estimator == "exact" and inv_sqrt is not None:
-    apply_fn, params = in_preconditioned_coordinates(apply_fn, params, inv_sqrt)
-  c = lin.outputs.shape[1]
-  mse = losses.resolve_loss("mse")
-  ntk = None
+  theta = params
+  linearize = lambda rows, p=params, f=apply_fn: linearization.precondition(
+      linearization.linearize(f, p, rows, axis_name=axis_name), inv_sqrt)
+  c = linearization.num_rows(apply_fn, params, batch, axis_name=axis_name)[1]
   keys = jax.random.split(key, 2)
+  kernel = functools.partial(
+      _kernel, loss=loss, output_norm=output_norm, estimator=estimator,
+      floor=trace_floor is not None and ntk_scale is None, axis_name=axis_name,
+      probe_scope=probe_scope)
+  if estimator == "exact" or not one_at_a_time:
+    lin = linearize(batch)
+    if estimator == "exact" and inv_sqrt is not None:
+      apply_fn, params = in_preconditioned_coordinates(apply_fn, params, inv_sqrt)
+    parts = kernel(lin, batch, keys, num_probes, apply_fn=apply_fn, params=params)
+  else:
+    def probe(i, acc):  # its own forward pass, after the last probe (see after())
+      p, b = tm.after(acc[0], (params, batch))
+      k = jax.random.split(jax.random.fold_in(keys[0], i), 2)
+      return jax.tree.map(jnp.add, acc, kernel(linearize(b, p), b, k, 1))
+    zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+        lambda: kernel(linearize(batch), batch, keys, 1)))
+    parts = jax.tree.map(lambda x: x / num_probes,
+                         jax.lax.fori_loop(0, num_probes, probe, zero))
+  trace, m, ntk = parts
+  if output_norm == "max_output":
+    scale = jnp.linalg.eigvalsh(m)[-1]
+  else:
+    scale = trace / c if output_norm == "per_output" else trace
   lam = jnp.full((), jnp.nan, jnp.float32)
+  if eigenvector is not None:
+    rows = batch if power_batch is None else power_batch
+    if one_at_a_time:
+      lam, eigenvector = fresh_gauss_newton_power(
+          lambda b, p: linearize(b, p), theta, loss, tm.after(trace, rows), eigenvector,
+          power_iters, axis_name=axis_name)
+    else:
+      lin = linearize(rows) if power_batch is not None else lin
+      lam, eigenvector = gauss_newton_power(
+          lin, loss, rows, eigenvector, power_iters, axis_name=axis_name)
+  return assemble(trace, scale, lam, eigenvector, num_outputs=c, output_norm=output_norm,
+                  trace_floor=trace_floor, ntk_trace=ntk if trace_floor is not None else None,
+                  ntk_scale=ntk_scale)
+
+
+def _kernel(lin: linearization.LinearizedModel, batch: Any, keys: Array, num_probes: int, *,
+            loss: losses.OutputLoss, output_norm: str, estimator: str, floor: bool,
+            axis_name: AxisName, probe_scope: str, apply_fn=None, params=None):
+  """``(T̂, M̂, T̂_NTK)`` from ``num_probes`` probes on ``lin`` (``keys``: the trace's and the
+  floor's): M̂ the output kernel for ``"max_output"`` (else 0) and T̂_NTK the floor's NTK trace
+  (0 without ``floor``). ``"exact"`` reads ``apply_fn`` and ``params`` instead of probing."""
+  mse = losses.resolve_loss("mse")
   common = dict(axis_name=axis_name, probe_scope=probe_scope)
+  zero = jnp.zeros((), jnp.float32)
+  m, ntk = zero, None
   if output_norm == "max_output":
     if estimator == "exact":
       m = output_kernels.output_kernel(
-          apply_fn, params, batch, loss=loss, method="exact", **common
-      ).matrix
+          apply_fn, params, batch, loss=loss, method="exact", **common).matrix
     else:
       m = output_kernels.linearized_output_kernel(
-          lin, loss, batch, key=keys[0], num_probes=num_probes, **common
-      ).matrix
+          lin, loss, batch, key=keys[0], num_probes=num_probes, **common).matrix
     trace = jnp.trace(m)
-    scale = jnp.linalg.eigvalsh(m)[-1]
+  elif estimator == "exact":
+    trace = traces.gauss_newton_trace(
+        apply_fn, params, batch, loss=loss, method="exact", **common).value
+  elif floor and loss.noise is not None:
+    # The trace and its floor's NTK trace: one VJP each per probe, one forward pass.
+    trace, ntk = (e.value for e in traces.hutchinson_traces(
+        lin, (loss, mse), batch, key=keys[0], num_probes=num_probes, **common))
   else:
-    if estimator == "exact":
-      trace = traces.gauss_newton_trace(
-          apply_fn, params, batch, loss=loss, method="exact", **common
-      ).value
-    elif trace_floor is not None and ntk_scale is None and loss.noise is not None:
-      # The trace and its floor's NTK trace: one VJP each per probe, one forward pass.
-      trace, ntk = (e.value for e in traces.hutchinson_traces(
-          lin, (loss, mse), batch, key=keys[0], num_probes=num_probes, **common))
-    else:
-      trace = traces.hutchinson_trace(
-          lin, loss, batch, key=keys[0], num_probes=num_probes, **common
-      ).value
-    scale = trace / c if output_norm == "per_output" else trace
-  if trace_floor is not None and ntk_scale is None and ntk is None:
+    trace = traces.hutchinson_trace(
+        lin, loss, batch, key=keys[0], num_probes=num_probes, **common).value
+  if floor and ntk is None:
     ntk = traces.hutchinson_trace(lin, mse, batch, key=keys[1], **common).value
-  if eigenvector is not None:
-    lam, eigenvector = gauss_newton_power(
-        lin, loss, batch, eigenvector, power_iters, axis_name=axis_name
-    )
-  return assemble(trace, scale, lam, eigenvector, num_outputs=c, output_norm=output_norm,
-                  trace_floor=trace_floor, ntk_trace=ntk, ntk_scale=ntk_scale)
+  return trace, m, zero if ntk is None else ntk
+
+
+def fresh_gauss_newton_power(
+    linearize: Callable[[Any, PyTree], linearization.LinearizedModel],
+    params: PyTree,
+    loss: losses.OutputLoss,
+    batch: Any,
+    v: PyTree,
+    num_iters: int,
+    *,
+    axis_name: AxisName = None,
+) -> tuple[Array, PyTree]:
+  """:func:`gauss_newton_power`'s looped form with a forward pass in every step:
+  ``num_iters + 1`` plain power steps, ``linearize(batch, params)`` made anew in each after the
+  last step's vector (:func:`kstep._src.estimators.tree_math.after`), so that XLA neither hoists
+  the linearisation out of the loop nor copies it into the loop's state. Memory: one step's
+  forward, JVP and VJP; time: ``num_iters + 1`` forward passes more than the looped form."""
+
+  def body(_, carry):
+    u, _ = carry
+    b, p = tm.after(tm.vdot(u, u), (batch, params))
+    lin = linearize(b, p)
+    return power_update(
+        u, products.linearized_gauss_newton_vp(lin, loss, b, u, axis_name=axis_name))
+
+  u = tm.unit(tm.f32(v))[0]
+  u, lam = jax.lax.fori_loop(0, num_iters + 1, body, (u, jnp.zeros((), jnp.float32)))
+  return lam, u
 
 
 def in_preconditioned_coordinates(

@@ -42,6 +42,22 @@ def where(cond: Array, x: PyTree, y: PyTree) -> PyTree:
   return jax.tree.map(lambda xi, yi: jnp.where(cond, xi, yi), x, y)
 
 
+def after(x: Array, tree: PyTree) -> PyTree:
+  """``tree`` unchanged, but computed after the scalar ``x``: each numeric leaf passes through a
+  select on ``isnan(x) & (x == x)``, false for every x but not foldable by XLA. Used to run
+  the steps of a loop one after another, each with its own forward pass, so that XLA neither
+  hoists that pass out of the loop nor keeps two of them alive at once."""
+  never = jnp.isnan(x) & (x == x)
+
+  def tie(leaf: Any) -> Any:
+    if not (jnp.issubdtype(jnp.result_type(leaf), jnp.number)
+            or jnp.result_type(leaf) == jnp.bool_):
+      return leaf
+    return jnp.where(never, jnp.zeros_like(leaf), leaf)
+
+  return jax.tree.map(tie, tree)
+
+
 def norm(x: PyTree) -> Array:
   return jnp.sqrt(sq_norm(x))
 
