@@ -116,3 +116,49 @@ def test_power_update_keeps_the_vector_where_the_product_is_not_finite():
   # A product whose squares overflow float32 (each entry finite, the norm not) is refused too.
   kept, _ = k_estimate.power_update(u, {"a": jnp.asarray([3e38, 3e38]), "b": jnp.asarray([1.0])})
   np.testing.assert_array_equal(kept["a"], u["a"])
+
+
+@pytest.mark.parametrize("output_norm", ["total", "max_output"])
+def test_one_at_a_time_estimate_matches_its_probes_and_dense_power_steps(output_norm):
+  """The first estimate's form: each probe and power step with its own forward pass."""
+  spec = losses.resolve_loss("softmax_cross_entropy")
+  mse = losses.resolve_loss("mse")
+  rows = {"x": BATCH["x"][::2]}
+  flat, unravel = jax.flatten_util.ravel_pytree(PARAMS)
+  jac = jax.jacobian(lambda f: mlp(unravel(f), rows))(flat)  # (b, C, P) on the power rows
+  h = spec.for_output_shape((B // 2, C)).hessian(mlp(PARAMS, rows), rows)
+  g = jnp.einsum("icp,icd,idq->pq", jac, h, jac) / (B // 2)
+  v = unravel(jnp.asarray(rng.normal(size=flat.shape), jnp.float32))
+  key, n, iters = jax.random.PRNGKey(5), 3, 4
+  est = jax.jit(lambda v: k_estimate.estimate(
+      mlp, PARAMS, BATCH, loss=spec, key=key, output_norm=output_norm, trace_floor=0.03,
+      num_probes=n, eigenvector=v, power_iters=iters, power_batch=rows,
+      one_at_a_time=True))(v)
+  # iters + 1 plain power steps on the dense G of the power rows: λ is the quotient of the
+  # iters-th vector, the vector returned one step further.
+  u = jax.flatten_util.ravel_pytree(v)[0]
+  us = [u / jnp.linalg.norm(u)]
+  for _ in range(iters + 1):
+    w = g @ us[-1]
+    us.append(w / jnp.linalg.norm(w))
+  np.testing.assert_allclose(est.lambda_max, us[iters] @ g @ us[iters], rtol=1e-4)
+  np.testing.assert_allclose(jax.flatten_util.ravel_pytree(est.eigenvector)[0], us[-1],
+                             rtol=1e-3, atol=1e-5)
+  # The trace: the mean of n one-probe estimates on the whole batch, probe i keyed by
+  # fold_in(key's trace half, i); the floor from the same probes' NTK traces.
+  lin = linearization.linearize(mlp, PARAMS, BATCH)
+  trace_key = jax.random.split(key, 2)[0]
+  keys = [jax.random.split(jax.random.fold_in(trace_key, i), 2) for i in range(n)]
+  if output_norm == "total":
+    pairs = [traces.hutchinson_traces(lin, (spec, mse), BATCH, key=k[0]) for k in keys]
+    gn = np.mean([p[0].value for p in pairs])
+    ntk = np.mean([p[1].value for p in pairs])
+    np.testing.assert_allclose(est.trace, gn, rtol=1e-5)
+    np.testing.assert_allclose(est.scale, max(gn, 0.03 * ntk), rtol=1e-5)
+  else:
+    m = np.mean([kstep.output_kernel(mlp, PARAMS, BATCH, loss="softmax_cross_entropy",
+                                     key=k[0]).matrix for k in keys], axis=0)
+    ntk = np.mean([traces.hutchinson_trace(lin, mse, BATCH, key=k[1]).value for k in keys])
+    np.testing.assert_allclose(est.trace, np.trace(m), rtol=1e-5)
+    np.testing.assert_allclose(est.scale, max(np.linalg.eigvalsh(m)[-1], 0.03 * ntk / C),
+                               rtol=1e-4)
