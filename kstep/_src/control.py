@@ -6,6 +6,7 @@
 definitions in ``docs/design.md``.
 """
 
+import math
 import numbers
 from typing import Any, Callable
 
@@ -159,12 +160,13 @@ def build(learning_rate, *, apply_fn, loss, target, decay_steps, momentum, neste
     )
 
   def measure(state: ScaleByKControlState, params: Any, batch: Any, cold: bool, full: bool,
-              inv_sqrt: Callable[[], Any] | None):
+              inv_sqrt: Callable[[], Any] | None, out_shape: tuple[int, ...]):
     # The first valid estimate sets S̄ alone, so its trace gets the whole batch and FIRST_PROBES
     # times the probes (one probe's spread is ~40% of T at init), and FIRST_POWER_ITERS power
     # steps on the probe rows (those of every later estimate), one after another with a forward
     # pass each: the memory of one probe, not more than the training step's (controller.md).
-    rows = k_estimate.probe_rows(apply_fn, params, batch, probe_batch_size, axis_name=axis_name)
+    rows = k_estimate.probe_rows(apply_fn, params, batch, probe_batch_size, axis_name=axis_name,
+                                 out_shape=out_shape)
     if not cold:
       batch = rows
     return k_estimate.estimate(
@@ -177,17 +179,20 @@ def build(learning_rate, *, apply_fn, loss, target, decay_steps, momentum, neste
         axis_name=axis_name, probe_scope=probe_scope,
         inv_sqrt=None if inv_sqrt is None else inv_sqrt(),
         power_batch=rows if cold and rows is not batch else None, one_at_a_time=cold,
+        num_outputs=math.prod(out_shape[1:]),
     )
 
   def estimate(state: ScaleByKControlState, params: Any, batch: Any, probe: Any,
-               c: int, inv_sqrt: Callable[[], Any] | None) -> ScaleByKControlState:
+               out_shape: tuple[int, ...], c: int,
+               inv_sqrt: Callable[[], Any] | None) -> ScaleByKControlState:
     # state.next_estimate, set by the last update: the first (cold) estimate, a full one (power
     # steps, the floor's probe) or a light one reusing λ̄, the vector and the floor's NTK scale.
     # Each branch absorbs its own estimate, so a light one never touches the guard's vector.
     absorb = lambda est, first, full: control_state.absorb(
         state, est, first=first, full=full, guard=guard, smoothing=smoothing,
         max_change=max_change)
-    own = lambda cold, full: absorb(measure(state, params, batch, cold, full, inv_sqrt), cold, full)
+    own = lambda cold, full: absorb(
+        measure(state, params, batch, cold, full, inv_sqrt, out_shape), cold, full)
     branches = [lambda: own(True, True)]
     if probe is None:
       branches += [lambda: own(False, True), lambda: own(False, False)]
@@ -205,7 +210,10 @@ def build(learning_rate, *, apply_fn, loss, target, decay_steps, momentum, neste
 
   def step(updates, state: ScaleByKControlState, params, batch, probe, inv_sqrt=None):
     arguments.check_real_params(params, "k_controlled_sgd")
-    b, c = k_estimate.batch_rows(apply_fn, params, batch, batch_size, axis_name=axis_name)
+    # The model's output shape, traced once (B, C and the probe rows read it).
+    out_shape = jax.eval_shape(lambda p: apply_fn(p, batch), params).shape
+    b, c = k_estimate.batch_rows(apply_fn, params, batch, batch_size, axis_name=axis_name,
+                                 out_shape=out_shape)
     if probe is not None and inv_sqrt is not None:
       raise ValueError("kstep.value_and_grad's fused probe measures the unpreconditioned kernel; "
                        "an adaptive controller (kstep.k_controlled_adam) estimates on its own: "
@@ -215,7 +223,7 @@ def build(learning_rate, *, apply_fn, loss, target, decay_steps, momentum, neste
                         power_iters=power_iters, probe_batch_size=probe_batch_size,
                         estimator=estimator, output_norm=norm, axis_name=axis_name)
     state = periodic.when_due(  # after the backward pass
-        state.count, every, updates, lambda s: estimate(s, params, batch, probe, c, inv_sqrt),
+        state.count, every, updates, lambda s: estimate(s, params, batch, probe, out_shape, c, inv_sqrt),
         state)
     count = state.count
     base = arguments.schedule_value(learning_rate, count)

@@ -66,7 +66,8 @@ def resolve_output_norm(output_norm: str, loss: Any) -> str:
 
 
 def batch_rows(apply_fn: Callable[[PyTree, Any], Array], params: PyTree, batch: Any,
-               batch_size: Any = None, *, axis_name: AxisName = None) -> tuple[int, int]:
+               batch_size: Any = None, *, axis_name: AxisName = None,
+               out_shape: tuple[int, ...] | None = None) -> tuple[int, int]:
   """``(B, C)``: B the batch size of the step, C the outputs per example.
 
   B is read from the outputs' static shape (global under ``axis_name``), or is the given
@@ -77,7 +78,8 @@ def batch_rows(apply_fn: Callable[[PyTree, Any], Array], params: PyTree, batch: 
     ValueError: a given ``batch_size`` that is not a multiple of the rows seen (both numbers in
       the message).
   """
-  b, c = linearization.num_rows(apply_fn, params, batch, axis_name=axis_name)
+  b, c = linearization.num_rows(apply_fn, params, batch, axis_name=axis_name,
+                                out_shape=out_shape)
   if batch_size is None or isinstance(batch_size, jax.core.Tracer):
     return b, c
   if batch_size % b:
@@ -91,7 +93,8 @@ def batch_rows(apply_fn: Callable[[PyTree, Any], Array], params: PyTree, batch: 
 
 
 def probe_rows(apply_fn: Callable[[PyTree, Any], Array], params: PyTree, batch: Any,
-               probe_batch_size: int | None, *, axis_name: AxisName = None) -> Any:
+               probe_batch_size: int | None, *, axis_name: AxisName = None,
+               out_shape: tuple[int, ...] | None = None) -> Any:
   """About ``probe_batch_size`` examples of ``batch``: every s-th, ``s = B // probe_batch_size``.
 
   T is a mean over examples, so its estimate on a sub-batch is unbiased for it, at the
@@ -99,8 +102,11 @@ def probe_rows(apply_fn: Callable[[PyTree, Any], Array], params: PyTree, batch: 
   rows, so that under a sharded batch every shard keeps the same share; with ``axis_name`` each
   device strides its own rows (the single-device rows when ``s`` divides them). Leaves whose
   leading dimension is not the batch's are left whole. ``None`` or ``≥ B``: the whole batch.
+  ``out_shape``: the outputs' shape when already known (saves tracing the model again).
   """
-  local = jax.eval_shape(lambda p: apply_fn(p, batch), params).shape[0]
+  if out_shape is None:
+    out_shape = jax.eval_shape(lambda p: apply_fn(p, batch), params).shape
+  local = out_shape[0]
   b_total, _ = data_axis.global_rows(local, axis_name)
   if probe_batch_size is None or probe_batch_size >= b_total:
     return batch
@@ -227,6 +233,7 @@ def estimate(
     inv_sqrt: PyTree | None = None,
     power_batch: Any = None,
     one_at_a_time: bool = False,
+    num_outputs: int | None = None,
 ) -> KEstimate:
   """T̂, Ŝ and (with ``eigenvector``) the Gauss–Newton λ_max on ``batch``; see the module doc.
 
@@ -243,11 +250,12 @@ def estimate(
   forward pass after the last one's result, in a loop, so the estimate needs the memory of one
   probe (one forward pass and its VJP) rather than of ``num_probes`` VJPs at once, at the cost
   of a forward pass per probe and per power step (``docs/controller.md``, "Costs").
+  ``num_outputs``: C when already known (saves tracing the model again).
   """
   theta = params
   linearize = lambda rows, p=params, f=apply_fn: linearization.precondition(
       linearization.linearize(f, p, rows, axis_name=axis_name), inv_sqrt)
-  c = linearization.num_rows(apply_fn, params, batch, axis_name=axis_name)[1]
+  c = num_outputs or linearization.num_rows(apply_fn, params, batch, axis_name=axis_name)[1]
   keys = jax.random.split(key, 2)
   kernel = functools.partial(
       _kernel, loss=loss, output_norm=output_norm, estimator=estimator,
@@ -263,8 +271,8 @@ def estimate(
       p, b = tm.after(acc[0], (params, batch))
       k = jax.random.split(jax.random.fold_in(keys[0], i), 2)
       return jax.tree.map(jnp.add, acc, kernel(linearize(b, p), b, k, 1))
-    zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-        lambda: kernel(linearize(batch), batch, keys, 1)))
+    zero = jnp.zeros((), jnp.float32)
+    zero = (zero, jnp.zeros((c, c), jnp.float32) if output_norm == "max_output" else zero, zero)
     parts = jax.tree.map(lambda x: x / num_probes,
                          jax.lax.fori_loop(0, num_probes, probe, zero))
   trace, m, ntk = parts

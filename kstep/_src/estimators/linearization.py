@@ -80,10 +80,13 @@ def vjps(lin: LinearizedModel, cotangents: Array) -> list[PyTree]:
 
 
 def num_rows(apply_fn: Callable[[PyTree, Any], Array], params: PyTree, batch: Any, *,
-             axis_name: AxisName = None) -> tuple[int, int]:
+             axis_name: AxisName = None, out_shape: tuple[int, ...] | None = None
+             ) -> tuple[int, int]:
   """``(B, C)`` of ``apply_fn(params, batch)`` from shapes alone (no computation): B the rows of
-  the whole batch (summed over ``axis_name``), C the outputs per row (1 for ``(B,)``)."""
-  shape = jax.eval_shape(lambda p: apply_fn(p, batch), params).shape
+  the whole batch (summed over ``axis_name``), C the outputs per row (1 for ``(B,)``).
+  ``out_shape``: the outputs' shape when already known (saves tracing the model again)."""
+  shape = (jax.eval_shape(lambda p: apply_fn(p, batch), params).shape if out_shape is None
+           else tuple(out_shape))
   if len(shape) == 0:
     raise ValueError(
         "apply_fn(params, batch) must return outputs with the examples on axis 0, shape (B, ...); "
