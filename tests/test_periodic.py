@@ -76,3 +76,27 @@ def test_periodic_cond_is_scheduled_after_the_gradients(name):
           or re.search(r"= f32\[16,16\]\S* fusion\(.*kind=kCustom", line)]
   assert len(conds) == 1 and len(dots) >= 3
   assert max(dots) < conds[0], (max(dots), conds[0])
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_idle_step_copies_no_parameter_sized_array_with_donated_state(name):
+  # Between estimates the cond's other branch passes the state through. With params and state
+  # donated, nothing parameter-sized (16 x 16) is copied: the guard's vector stays in place, and
+  # a tracker's updates wait for its cond (periodic.release), else the params were copied for
+  # the cond. Without donation every output is a new buffer: the vector's one copy per step.
+  params, apply_fn, batch, loss = _mlp()
+  opt = OPTIMIZERS[name](apply_fn, loss)
+
+  def step(params, state, batch):
+    grads = jax.grad(loss)(params, batch)
+    updates, state = opt.update(grads, state, params, batch=batch)
+    return optax.apply_updates(params, updates), state
+
+  def copies(donate):
+    jitted = jax.jit(step, donate_argnums=(0, 1) if donate else ())
+    lines = _entry_lines(jitted.lower(params, opt.init(params), batch).compile().as_text())
+    return [line for line in lines if re.search(r"= f32\[16,16\]\S* copy\(", line)]
+
+  assert copies(donate=True) == []
+  if name in ("k_controlled_sgd", "track_lambda_max"):  # hold a vector: the test can fail
+    assert copies(donate=False)

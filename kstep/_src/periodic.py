@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from kstep._src import conv_layout
+from kstep._src.estimators import tree_math as tm
 
 Array = jax.Array
 
@@ -56,3 +57,15 @@ def when_due(count: Array, every: int, updates: Any, measure: Callable[[Any], An
   its convolutions in the canonical order (:func:`kstep._src.conv_layout.canonical_convs`)."""
   return jax.lax.cond(due(count, every, updates), conv_layout.canonical_convs(measure),
                       lambda s: s, state)
+
+
+def release(updates: Any, value: Array) -> Any:
+  """``updates`` unchanged, but computed after ``value``, a scalar of :func:`when_due`'s result.
+
+  A tracker passes the updates through while its cond reads params; without this tie XLA may
+  apply an optimizer's updates chained after it before the cond runs, and with donated params it
+  then copies the params for the cond on every step (``tests/test_periodic.py``). The tie is a
+  select on a false predicate (:func:`kstep._src.estimators.tree_math.after`), fused into the
+  updates' next pass.
+  """
+  return tm.after(value, updates)

@@ -177,7 +177,7 @@ def track_batch_sharpness(
     new_state = periodic.when_due(state.count, every, updates,
                                   lambda s: measure(s, params, batch), state)
     bs = new_state.batch_sharpness  # NaN before the first valid measurement
-    return updates, new_state._replace(
+    return periodic.release(updates, bs), new_state._replace(
         count=optax.safe_increment(state.count),
         batch_sharpness_edge_ratio_small_batch=common.edge_ratio(
             learning_rate, state.count, bs, 2.0 * (1.0 - momentum)),

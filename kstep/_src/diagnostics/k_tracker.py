@@ -180,7 +180,7 @@ def track_k(
                                   lambda s: measure(s, params, batch, inv_sqrt), state)
     eta = arguments.schedule_value(learning_rate, state.count)
     k = noise_kernel.k_from_trace(eta, b, new_state.k_scale, 0.0 if ema else momentum)
-    return updates, new_state._replace(
+    return periodic.release(updates, new_state.k_scale), new_state._replace(
         count=optax.safe_increment(state.count), k=common.f32(k), k_learning_rate=eta,
         k_num_outputs=jnp.asarray(c, jnp.int32),
     )

@@ -199,7 +199,7 @@ def track_lambda_max(
     edge = common.edge_ratio(
         learning_rate, state.count, new_state.lambda_max, curvature_edge(momentum, ema=ema)
     )
-    return updates, new_state._replace(
+    return periodic.release(updates, new_state.lambda_max), new_state._replace(
         count=optax.safe_increment(state.count), lambda_max_edge_ratio=edge
     )
 
