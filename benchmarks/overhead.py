@@ -1,9 +1,10 @@
 """Cost of the K controller: steps/s of k_controlled_sgd against optax.sgd on the same model.
 
 Every configuration (``optax.sgd``, ``k_controlled_sgd`` at its defaults for each ``every``, and
-``--variants`` that change one argument) runs as a jitted ``lax.scan`` of ``chunk`` steps on the
-same batches. Timings
-are interleaved: each round times every configuration once, in a shuffled order, and ratios are
+``--variants`` that change one argument) runs ``chunk`` steps on the same batches: as one jitted
+``lax.scan`` (``--calls scan``) or as one jitted step per Python call (``--calls step``, what most
+training loops do). Compile seconds come from JAX's own compile events (tracing, lowering and
+XLA's compile of the first call). Timings are interleaved: each round times every configuration once, in a shuffled order, and ratios are
 taken within a round, so a machine whose speed drifts (shared CPUs) affects both sides of a ratio
 alike. Reported: median and quartiles of the per-round ratios.
 
