@@ -56,12 +56,8 @@ OPTIMIZERS = {
 }
 
 
-@pytest.mark.parametrize("name", list(OPTIMIZERS))
-def test_periodic_cond_is_scheduled_after_the_gradients(name):
-  # Checked on the compiled (scheduled) HLO of a training step: every weight gradient (16 x 16
-  # matrix products: plain dots or the matmul library's custom fusions) comes before the cond.
-  # Without periodic.due XLA:CPU placed the cond after the first layer's forward pass, and
-  # lax.optimization_barrier (tried first) is removed from the optimised HLO.
+def _compiled_step_lines(name, donate=False):
+  """The entry computation of one compiled training step of the 16x16 MLP with ``name``."""
   params, apply_fn, batch, loss = _mlp()
   opt = OPTIMIZERS[name](apply_fn, loss)
 
@@ -70,7 +66,17 @@ def test_periodic_cond_is_scheduled_after_the_gradients(name):
     updates, state = opt.update(grads, state, params, batch=batch)
     return optax.apply_updates(params, updates), state
 
-  lines = _entry_lines(jax.jit(step).lower(params, opt.init(params), batch).compile().as_text())
+  jitted = jax.jit(step, donate_argnums=(0, 1) if donate else ())
+  return _entry_lines(jitted.lower(params, opt.init(params), batch).compile().as_text())
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_periodic_cond_is_scheduled_after_the_gradients(name):
+  # Checked on the compiled (scheduled) HLO of a training step: every weight gradient (16 x 16
+  # matrix products: plain dots or the matmul library's custom fusions) comes before the cond.
+  # Without periodic.due XLA:CPU placed the cond after the first layer's forward pass, and
+  # lax.optimization_barrier (tried first) is removed from the optimised HLO.
+  lines = _compiled_step_lines(name)
   conds = [i for i, line in enumerate(lines) if " conditional(" in line]
   dots = [i for i, line in enumerate(lines) if re.search(r"= f32\[16,16\]\S* dot\(", line)
           or re.search(r"= f32\[16,16\]\S* fusion\(.*kind=kCustom", line)]
@@ -84,18 +90,9 @@ def test_idle_step_copies_no_parameter_sized_array_with_donated_state(name):
   # donated, nothing parameter-sized (16 x 16) is copied: the guard's vector stays in place, and
   # a tracker's updates wait for its cond (periodic.release), else the params were copied for
   # the cond. Without donation every output is a new buffer: the vector's one copy per step.
-  params, apply_fn, batch, loss = _mlp()
-  opt = OPTIMIZERS[name](apply_fn, loss)
-
-  def step(params, state, batch):
-    grads = jax.grad(loss)(params, batch)
-    updates, state = opt.update(grads, state, params, batch=batch)
-    return optax.apply_updates(params, updates), state
-
   def copies(donate):
-    jitted = jax.jit(step, donate_argnums=(0, 1) if donate else ())
-    lines = _entry_lines(jitted.lower(params, opt.init(params), batch).compile().as_text())
-    return [line for line in lines if re.search(r"= f32\[16,16\]\S* copy\(", line)]
+    return [line for line in _compiled_step_lines(name, donate)
+            if re.search(r"= f32\[16,16\]\S* copy\(", line)]
 
   assert copies(donate=True) == []
   if name in ("k_controlled_sgd", "track_lambda_max"):  # hold a vector: the test can fail

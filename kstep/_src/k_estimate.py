@@ -204,14 +204,8 @@ def gauss_newton_power(
     lam = products.gauss_newton_quadratic(lin, loss, batch, u, axis_name=axis_name)
     return lam, u
 
-  def body(_, carry):
-    u, _ = carry
-    return power_update(
-        u, products.linearized_gauss_newton_vp(lin, loss, batch, u, axis_name=axis_name))
-
-  u = tm.unit(tm.f32(v))[0]
-  u, lam = jax.lax.fori_loop(0, num_iters + 1, body, (u, jnp.zeros((), jnp.float32)))
-  return lam, u
+  return looped_gauss_newton_power(lambda b, p: lin, lin.params, loss, batch, v, num_iters,
+                                   fresh=False, axis_name=axis_name)
 
 
 def estimate(
@@ -284,7 +278,7 @@ def estimate(
   if eigenvector is not None:
     rows = batch if power_batch is None else power_batch
     if one_at_a_time:
-      lam, eigenvector = fresh_gauss_newton_power(
+      lam, eigenvector = looped_gauss_newton_power(
           lambda b, p: linearize(b, p), theta, loss, tm.after(trace, rows), eigenvector,
           power_iters, axis_name=axis_name)
     else:
@@ -329,7 +323,7 @@ def _kernel(lin: linearization.LinearizedModel, batch: Any, keys: Array, num_pro
   return trace, m, zero if ntk is None else ntk
 
 
-def fresh_gauss_newton_power(
+def looped_gauss_newton_power(
     linearize: Callable[[Any, PyTree], linearization.LinearizedModel],
     params: PyTree,
     loss: losses.OutputLoss,
@@ -337,17 +331,20 @@ def fresh_gauss_newton_power(
     v: PyTree,
     num_iters: int,
     *,
+    fresh: bool = True,
     axis_name: AxisName = None,
 ) -> tuple[Array, PyTree]:
-  """:func:`gauss_newton_power`'s looped form with a forward pass in every step:
-  ``num_iters + 1`` plain power steps, ``linearize(batch, params)`` made anew in each after the
-  last step's vector (:func:`kstep._src.estimators.tree_math.after`), so that XLA neither hoists
-  the linearisation out of the loop nor copies it into the loop's state. Memory: one step's
-  forward, JVP and VJP; time: ``num_iters + 1`` forward passes more than the looped form."""
+  """:func:`gauss_newton_power`'s looped form: ``num_iters + 1`` plain power steps in a
+  ``fori_loop``, each on ``linearize(batch, params)``; λ is the quotient read off the last
+  product. ``fresh``: ``linearize`` runs the forward pass anew, on ``batch`` and ``params`` tied
+  to the last step's vector (:func:`kstep._src.estimators.tree_math.after`), so that XLA
+  neither hoists the linearisation out of the loop nor copies it into the loop's state. Memory:
+  one step's forward, JVP and VJP; time: ``num_iters + 1`` forward passes more than with a
+  fixed model (``fresh=False``, ``linearize`` returning it)."""
 
   def body(_, carry):
     u, _ = carry
-    b, p = tm.after(tm.vdot(u, u), (batch, params))
+    b, p = tm.after(tm.vdot(u, u), (batch, params)) if fresh else (batch, params)
     lin = linearize(b, p)
     return power_update(
         u, products.linearized_gauss_newton_vp(lin, loss, b, u, axis_name=axis_name))
