@@ -3,8 +3,8 @@
 XLA:CPU allocates a compiled step's temporary buffer afresh at every call, and glibc maps an
 allocation over 32 MiB anew each time, so memory a conditional branch adds to the step is paid
 as page faults on every step, estimate or not (``docs/controller.md``, "Costs"). The first
-estimate (8 probes on the whole batch, 20 power steps) once needed 3-7x the step's memory on a
-conv net; it now runs its probes and power steps one at a time.
+estimate (8 probes on the whole batch, 20 power steps) would need 3-7x the step's memory on a
+conv net run all at once; it runs its probes and power steps one at a time.
 """
 
 import jax
@@ -61,6 +61,6 @@ def test_controller_step_needs_about_the_sgd_steps_memory(loss_name):
   k = _temp_bytes(kstep.k_controlled_sgd(0.1, apply_fn=conv_net, loss=loss_name), loss_name,
                   params, batch)
   # The estimate's branches reuse the step's buffers. Here 1.00x (MSE) and 1.20x (CE: the trace
-  # and the floor's probe, two VJPs); before the first estimate went one probe at a time, 3.8x
-  # and 5.2x.
+  # and the floor's probe, two VJPs); with the first estimate's probes all at once, 3.8x and
+  # 5.2x.
   assert k <= 1.25 * sgd, (k, sgd)

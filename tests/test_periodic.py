@@ -88,8 +88,9 @@ def test_periodic_cond_is_scheduled_after_the_gradients(name):
 def test_idle_step_copies_no_parameter_sized_array_with_donated_state(name):
   # Between estimates the cond's other branch passes the state through. With params and state
   # donated, nothing parameter-sized (16 x 16) is copied: the guard's vector stays in place, and
-  # a tracker's updates wait for its cond (periodic.release), else the params were copied for
-  # the cond. Without donation every output is a new buffer: the vector's one copy per step.
+  # a tracker's updates wait for its cond (periodic.release); without that tie XLA copies the
+  # params for the cond. Without donation every output is a new buffer: the vector's one copy
+  # per step.
   def copies(donate):
     return [line for line in _compiled_step_lines(name, donate)
             if re.search(r"= f32\[16,16\]\S* copy\(", line)]
