@@ -4,9 +4,10 @@ Every configuration (``optax.sgd``, ``k_controlled_sgd`` at its defaults for eac
 ``--variants`` that change one argument) runs ``chunk`` steps on the same batches: as one jitted
 ``lax.scan`` (``--calls scan``) or as one jitted step per Python call (``--calls step``, what most
 training loops do). Compile seconds come from JAX's own compile events (tracing, lowering and
-XLA's compile of the first call). Timings are interleaved: each round times every configuration once, in a shuffled order, and ratios are
-taken within a round, so a machine whose speed drifts (shared CPUs) affects both sides of a ratio
-alike. Reported: median and quartiles of the per-round ratios.
+XLA's compile of the first call). Timings are interleaved: each round times every
+configuration once, in a shuffled order, and ratios are taken within a round, so a machine
+whose speed drifts (shared CPUs) affects both sides of a ratio alike. Reported: median and
+quartiles of the per-round ratios.
 
 One estimate's cost in steps is read from ``every=1`` (an estimate on every step): the ratio
 minus one; for the fused path (``kstep.value_and_grad``, variants ``fused``/``fused1``) from
@@ -253,7 +254,7 @@ def _chunk_runner(fn, calls: str, idx, x, y):
 
 
 def measure(problem: tasks.Problem, args: argparse.Namespace, path) -> dict:
-  calls = getattr(args, "calls", "scan")
+  calls = args.calls
   fns = _builders(problem, args.every, args.variants, calls)
   params = problem.init(jax.random.PRNGKey(0))
   x, y = jnp.asarray(problem.x_train), jnp.asarray(problem.y_train)

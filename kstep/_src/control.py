@@ -6,7 +6,6 @@
 definitions in ``docs/design.md``.
 """
 
-import math
 import numbers
 from typing import Any, Callable
 
@@ -160,7 +159,7 @@ def build(learning_rate, *, apply_fn, loss, target, decay_steps, momentum, neste
     )
 
   def measure(state: ScaleByKControlState, params: Any, batch: Any, cold: bool, full: bool,
-              inv_sqrt: Callable[[], Any] | None, out_shape: tuple[int, ...]):
+              inv_sqrt: Callable[[], Any] | None, out_shape: tuple[int, ...], c: int):
     # The first valid estimate sets S̄ alone, so its trace gets the whole batch and FIRST_PROBES
     # times the probes (one probe's spread is ~40% of T at init), and FIRST_POWER_ITERS power
     # steps on the probe rows (those of every later estimate), one after another with a forward
@@ -179,7 +178,7 @@ def build(learning_rate, *, apply_fn, loss, target, decay_steps, momentum, neste
         axis_name=axis_name, probe_scope=probe_scope,
         inv_sqrt=None if inv_sqrt is None else inv_sqrt(),
         power_batch=rows if cold and rows is not batch else None, one_at_a_time=cold,
-        num_outputs=math.prod(out_shape[1:]),
+        num_outputs=c,
     )
 
   def estimate(state: ScaleByKControlState, params: Any, batch: Any, probe: Any,
@@ -192,7 +191,7 @@ def build(learning_rate, *, apply_fn, loss, target, decay_steps, momentum, neste
         state, est, first=first, full=full, guard=guard, smoothing=smoothing,
         max_change=max_change)
     own = lambda cold, full: absorb(
-        measure(state, params, batch, cold, full, inv_sqrt, out_shape), cold, full)
+        measure(state, params, batch, cold, full, inv_sqrt, out_shape, c), cold, full)
     branches = [lambda: own(True, True)]
     if probe is None:
       branches += [lambda: own(False, True), lambda: own(False, False)]
@@ -223,8 +222,8 @@ def build(learning_rate, *, apply_fn, loss, target, decay_steps, momentum, neste
                         power_iters=power_iters, probe_batch_size=probe_batch_size,
                         estimator=estimator, output_norm=norm, axis_name=axis_name)
     state = periodic.when_due(  # after the backward pass
-        state.count, every, updates, lambda s: estimate(s, params, batch, probe, out_shape, c, inv_sqrt),
-        state)
+        state.count, every, updates,
+        lambda s: estimate(s, params, batch, probe, out_shape, c, inv_sqrt), state)
     count = state.count
     base = arguments.schedule_value(learning_rate, count)
     lo = arguments.schedule_value(lo_sched, count)

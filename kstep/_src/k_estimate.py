@@ -193,11 +193,10 @@ def gauss_newton_power(
   (:func:`kstep._src.estimators.products.gauss_newton_quadratic`); ``num_iters`` JVP+VJP pairs
   and one JVP, the same λ as ``num_iters + 1`` plain power steps that read the quotient off the
   last product (a VJP more), whose vector is one step further; the next estimate continues from
-  u (``docs/defaults.md``, the guard's power steps). More steps (the first estimate) run in a
-  loop as those ``num_iters + 1`` plain steps, the quotient read inside the loop and u the
-  vector one step further: nothing of the linearisation is used after the loop, so XLA does not
-  keep a copy of it (on the conv net of ``docs/controller.md``, "Costs": 82 → 67 MiB for 20
-  steps on 32 rows).
+  u (``docs/defaults.md``, the guard's power steps). More steps run in a loop as those
+  ``num_iters + 1`` plain steps (:func:`looped_gauss_newton_power`), the quotient read inside
+  the loop and u the vector one step further: nothing of the linearisation is used after the
+  loop, so XLA need not keep a copy of it.
   """
   if num_iters <= 2:
     u = power_steps(lin, loss, batch, v, num_iters, axis_name=axis_name)
@@ -246,9 +245,8 @@ def estimate(
   of a forward pass per probe and per power step (``docs/controller.md``, "Costs").
   ``num_outputs``: C when already known (saves tracing the model again).
   """
-  theta = params
-  linearize = lambda rows, p=params, f=apply_fn: linearization.precondition(
-      linearization.linearize(f, p, rows, axis_name=axis_name), inv_sqrt)
+  linearize = lambda rows, p: linearization.precondition(
+      linearization.linearize(apply_fn, p, rows, axis_name=axis_name), inv_sqrt)
   c = num_outputs or linearization.num_rows(apply_fn, params, batch, axis_name=axis_name)[1]
   keys = jax.random.split(key, 2)
   kernel = functools.partial(
@@ -256,10 +254,11 @@ def estimate(
       floor=trace_floor is not None and ntk_scale is None, axis_name=axis_name,
       probe_scope=probe_scope)
   if estimator == "exact" or not one_at_a_time:
-    lin = linearize(batch)
+    lin = linearize(batch, params)
+    exact_fn, exact_params = apply_fn, params
     if estimator == "exact" and inv_sqrt is not None:
-      apply_fn, params = in_preconditioned_coordinates(apply_fn, params, inv_sqrt)
-    parts = kernel(lin, batch, keys, num_probes, apply_fn=apply_fn, params=params)
+      exact_fn, exact_params = in_preconditioned_coordinates(apply_fn, params, inv_sqrt)
+    parts = kernel(lin, batch, keys, num_probes, apply_fn=exact_fn, params=exact_params)
   else:
     def probe(i, acc):  # its own forward pass, after the last probe (see after())
       p, b = tm.after(acc[0], (params, batch))
@@ -279,10 +278,10 @@ def estimate(
     rows = batch if power_batch is None else power_batch
     if one_at_a_time:
       lam, eigenvector = looped_gauss_newton_power(
-          lambda b, p: linearize(b, p), theta, loss, tm.after(trace, rows), eigenvector,
-          power_iters, axis_name=axis_name)
+          linearize, params, loss, tm.after(trace, rows), eigenvector, power_iters,
+          axis_name=axis_name)
     else:
-      lin = linearize(rows) if power_batch is not None else lin
+      lin = linearize(rows, params) if power_batch is not None else lin
       lam, eigenvector = gauss_newton_power(
           lin, loss, rows, eigenvector, power_iters, axis_name=axis_name)
   return assemble(trace, scale, lam, eigenvector, num_outputs=c, output_norm=output_norm,
