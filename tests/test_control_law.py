@@ -188,3 +188,40 @@ def test_one_output_per_example_is_the_same_k_in_every_norm():
     np.testing.assert_allclose(float(s["k_scale"]), t1, rtol=1e-5, err_msg=norm)
     np.testing.assert_allclose(float(s["k_learning_rate"]), BAND[1] * eta_one(t1, 0.9),
                                rtol=1e-5, err_msg=norm)
+
+
+@pytest.mark.parametrize("batch_size, micro", [(None, 1), (3, 1), (6, 2)])
+def test_sequence_outputs_count_every_position_as_an_example(batch_size, micro):
+  """(B, T, V) logits with cross-entropy: K = η S_tok / (2(1 − μ) B T), S_tok the mean
+  per-position Gauss–Newton trace (dense reference) and ``batch_size`` counting sequences."""
+  import jax.flatten_util  # noqa: F401
+
+  b, t, v, d = 3, 4, 5, 6
+  params = {"e": jax.random.normal(jax.random.key(0), (v, d)),
+            "w": 0.5 * jax.random.normal(jax.random.key(1), (d, v)),
+            "m": 0.3 * jax.random.normal(jax.random.key(2), (t, t))}
+
+  def apply_fn(p, batch):
+    h = jnp.tanh(p["e"][batch["x"]])
+    return jnp.einsum("ts,bsd->btd", p["m"], h) @ p["w"] + h @ p["w"]
+
+  batch = {"x": jax.random.randint(jax.random.key(3), (b, t), 0, v)}
+  flat, unravel = jax.flatten_util.ravel_pytree(params)
+  jac = jax.jacrev(lambda f: apply_fn(unravel(f), batch))(flat)
+  prob = jax.nn.softmax(apply_fn(params, batch), -1)
+  hess = jax.vmap(jax.vmap(jnp.diag))(prob) - prob[..., :, None] * prob[..., None, :]
+  s_tok = float(jnp.einsum("btvp,btvw,btwp->", jac, hess, jac)) / (b * t)
+
+  opt = kstep.k_controlled_sgd(1e4, apply_fn=apply_fn, loss="softmax_cross_entropy",
+                               momentum=0.9, batch_size=batch_size, guard=None,
+                               trace_floor=None, estimate=kstep.Estimate(estimator="exact"))
+  grads = jax.tree.map(jnp.ones_like, params)
+  _, state = jax.jit(opt.update)(grads, opt.init(params), params, batch=batch)
+  s = kstep.stats(state)
+  np.testing.assert_allclose(float(s["k_trace"]), s_tok, rtol=1e-4)
+  assert int(s["k_num_outputs"]) == v
+  rows = b * t * micro
+  eta = float(s["k_learning_rate"])
+  np.testing.assert_allclose(float(s["k"]), eta * s_tok / (2 * 0.1 * rows), rtol=1e-4)
+  hi = options.default_target("softmax_cross_entropy", "total")[1]
+  np.testing.assert_allclose(float(s["k"]), hi, rtol=1e-4)  # lowered into the band

@@ -253,23 +253,54 @@ def test_resolve_loss_passes_output_losses_through():
   assert losses.resolve_loss(spec) is spec
 
 
-def test_softmax_cross_entropy_refuses_sequence_outputs():
-  """(B, T, V) flattened to (B, T·V) would put one softmax over every position: a clear error."""
+def _sequence_model():
+  """A causal-ish toy sequence model: (B, T) tokens -> (B, T, V) logits, positions mixed."""
+  b, t, v, d = 3, 4, 5, 6
+  params = {"e": jax.random.normal(jax.random.key(0), (v, d)),
+            "w": 0.5 * jax.random.normal(jax.random.key(1), (d, v)),
+            "m": 0.3 * jax.random.normal(jax.random.key(2), (t, t))}
+
+  def apply_fn(p, batch):
+    h = jnp.tanh(p["e"][batch["x"]])
+    return jnp.einsum("ts,bsd->btd", p["m"], h) @ p["w"] + h @ p["w"]
+
+  return apply_fn, params, {"x": jax.random.randint(jax.random.key(3), (b, t), 0, v)}
+
+
+def _dense_per_token_trace(apply_fn, params, batch):
+  """(1/(B·T)) Σ_{b,t} tr(J_btᵀ H_bt J_bt) from the dense Jacobian of every position."""
+  flat, unravel = jax.flatten_util.ravel_pytree(params)
+  jac = jax.jacrev(lambda f: apply_fn(unravel(f), batch))(flat)  # (B, T, V, P)
+  p = jax.nn.softmax(apply_fn(params, batch), -1)
+  h = jax.vmap(jax.vmap(jnp.diag))(p) - p[..., :, None] * p[..., None, :]
+  return float(jnp.einsum("btvp,btvw,btwp->", jac, h, jac)) / (p.shape[0] * p.shape[1])
+
+
+def test_softmax_cross_entropy_on_sequence_outputs_makes_every_position_a_row():
+  """(B, T, V) logits are B·T rows of V: the trace is the mean per-position GN trace."""
+  import jax.flatten_util  # noqa: F401
   import kstep
 
-  apply_fn = lambda p, b: jnp.einsum("btd,dv->btv", b["x"], p)
-  params, batch = jnp.ones((3, 5)), {"x": jnp.ones((4, 6, 3))}
-  with pytest.raises(ValueError, match=r"needs apply_fn outputs of shape \(B, C\)"):
-    kstep.gauss_newton_trace(apply_fn, params, batch, loss="softmax_cross_entropy",
-                             key=jax.random.key(0))
-  # The way out the message names: a callable loss over (B, T, V), the positions summed. Its
-  # trace is the sum over positions of the per-position softmax Hessians' traces.
-  def seq_ce(outputs, b):
-    return -jnp.sum(jax.nn.log_softmax(outputs)[..., 0], axis=-1)
+  apply_fn, params, batch = _sequence_model()
+  ref = _dense_per_token_trace(apply_fn, params, batch)
+  exact = kstep.gauss_newton_trace(apply_fn, params, batch, loss="softmax_cross_entropy",
+                                   method="exact")
+  np.testing.assert_allclose(float(exact.value), ref, rtol=1e-5)
+  hutch = kstep.gauss_newton_trace(apply_fn, params, batch, loss="softmax_cross_entropy",
+                                   key=jax.random.key(5), num_probes=4000, chunk_size=500)
+  assert abs(float(hutch.value) - ref) < 4 * float(hutch.stderr)
+  assert float(hutch.stderr) < 0.02 * ref
+  # A callable loss summing a sequence's positions sees one example of T·V outputs: its trace
+  # per sequence is T times the per-position trace.
+  seq_ce = lambda out, b: -jnp.sum(jax.nn.log_softmax(out)[..., 0], axis=-1)
+  summed = kstep.gauss_newton_trace(apply_fn, params, batch, loss=seq_ce, method="exact")
+  np.testing.assert_allclose(float(summed.value), 4 * ref, rtol=1e-5)
 
-  t = kstep.gauss_newton_trace(apply_fn, params, batch, loss=seq_ce, method="exact")
-  # Reference: every position as an example of its own (24 rows of (1, 3) inputs), named CE.
-  per_position = lambda p, b: apply_fn(p, b).reshape(-1, 5)
-  ref = kstep.gauss_newton_trace(per_position, params, {"x": batch["x"].reshape(-1, 1, 3)},
-                                 loss="softmax_cross_entropy", method="exact")
-  np.testing.assert_allclose(float(t.value), 6 * float(ref.value), rtol=1e-5)
+
+def test_rows_per_example():
+  ce, mse = losses.resolve_loss("softmax_cross_entropy"), losses.resolve_loss("mse")
+  assert losses.rows_per_example(ce, (8, 16, 256)) == 16
+  assert losses.rows_per_example(ce, (8, 4, 3, 10)) == 12
+  assert losses.rows_per_example(ce, (8, 10)) == 1
+  assert losses.rows_per_example(mse, (8, 16, 256)) == 1  # MSE: one example of T·C outputs
+  assert losses.rows_per_example(None, (8, 16, 256)) == 1

@@ -212,7 +212,7 @@ def build(learning_rate, *, apply_fn, loss, target, decay_steps, momentum, neste
     # The model's output shape, traced once (B, C and the probe rows read it).
     out_shape = jax.eval_shape(lambda p: apply_fn(p, batch), params).shape
     b, c = k_estimate.batch_rows(apply_fn, params, batch, batch_size, axis_name=axis_name,
-                                 out_shape=out_shape)
+                                 out_shape=out_shape, loss=spec)
     if probe is not None and inv_sqrt is not None:
       raise ValueError("kstep.value_and_grad's fused probe measures the unpreconditioned kernel; "
                        "an adaptive controller (kstep.k_controlled_adam) estimates on its own: "
@@ -314,7 +314,8 @@ def k_controlled_sgd(
     learning_rate: the base LR η_base > 0, a float or an optax schedule; the controller moves
       it into the band, so any value from 1e-4 to 3 trains.
     apply_fn: ``apply_fn(params, batch) -> outputs`` of shape ``(B, C)`` or ``(B, ...)``: the
-      model on the batch passed to ``update``.
+      model on the batch passed to ``update``. With a cross-entropy, ``(B, T, V)`` logits are
+      ``B·T`` examples of ``V`` classes (a language model's tokens; ``docs/design.md``).
     loss: ``"mse"`` (ℓ = ½ Σ_c (f_c − y_c)²), ``"softmax_cross_entropy"``,
       ``"sigmoid_binary_cross_entropy"`` or a callable ``(outputs, batch) -> (B,)`` per-example
       losses (its output Hessian is derived by autodiff).
@@ -329,7 +330,7 @@ def k_controlled_sgd(
     weight_decay: decoupled L2 coefficient ≥ 0 added to the gradient before momentum, as
       ``optax.add_decayed_weights``; ``None``: none.
     batch_size: B; ``None`` reads it from the outputs' leading dimension (the global batch
-      under sharding). Under gradient accumulation (``optax.MultiSteps``) give the effective
+      under sharding; times T for ``(B, T, V)`` cross-entropy logits). Under gradient accumulation (``optax.MultiSteps``) give the effective
       batch, a multiple of the micro-batch; any other mismatch raises ``ValueError``.
     max_scale: if given (> 0), the step never exceeds ``max_scale · η_base``
       (``max_scale=1``: the controller only ever lowers the base LR).

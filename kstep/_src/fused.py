@@ -201,7 +201,7 @@ def value_and_grad(
     rows = jax.eval_shape(lambda p: apply_fn(p, batch), params).shape[0]
     stride = 1 if pbs is None or pbs >= rows else rows // pbs
     probe_batch, rest_batch = _split_rows(batch, rows, stride)
-    lin = linearization.linearize(apply_fn, params, probe_batch)
+    lin = linearization.linearize(apply_fn, params, probe_batch, loss=spec)
     out_p = lin.outputs.reshape(lin.out_shape)
     sum_loss = lambda out, b: jnp.sum(per_example_loss(out, b))
     value_p, grad_out_p = jax.value_and_grad(sum_loss)(out_p, probe_batch)

@@ -67,21 +67,28 @@ def resolve_output_norm(output_norm: str, loss: Any) -> str:
 
 def batch_rows(apply_fn: Callable[[PyTree, Any], Array], params: PyTree, batch: Any,
                batch_size: Any = None, *, axis_name: AxisName = None,
-               out_shape: tuple[int, ...] | None = None) -> tuple[int, int]:
+               out_shape: tuple[int, ...] | None = None,
+               loss: losses.OutputLoss | None = None) -> tuple[int, int]:
   """``(B, C)``: B the batch size of the step, C the outputs per example.
 
   B is read from the outputs' static shape (global under ``axis_name``), or is the given
   ``batch_size`` when that is a multiple of it: the effective batch of n micro-batches whose
   gradients were accumulated (``optax.MultiSteps``), the rows seen being the last micro-batch.
+  For a ``loss`` with ``positions`` every position is an example: ``(B, T, V)`` outputs give
+  ``(B·T, V)``, and ``batch_size`` counts sequences (B), multiplied by T here.
 
   Raises:
     ValueError: a given ``batch_size`` that is not a multiple of the rows seen (both numbers in
       the message).
   """
+  if out_shape is None:
+    out_shape = jax.eval_shape(lambda p: apply_fn(p, batch), params).shape
   b, c = linearization.num_rows(apply_fn, params, batch, axis_name=axis_name,
-                                out_shape=out_shape)
+                                out_shape=out_shape, loss=loss)
   if batch_size is None or isinstance(batch_size, jax.core.Tracer):
     return b, c
+  per = losses.rows_per_example(loss, out_shape)
+  b //= per
   if batch_size % b:
     raise ValueError(
         f"`batch_size` is {batch_size} but this batch has {b} examples (the leading dimension of "
@@ -89,7 +96,7 @@ def batch_rows(apply_fn: Callable[[PyTree, Any], Array], params: PyTree, batch: 
         "accumulation the effective batch (a multiple of the micro-batch), or leave "
         "batch_size=None to read B from each batch (a short last batch then compiles once more)."
     )
-  return int(batch_size), c
+  return int(batch_size) * per, c
 
 
 def probe_rows(apply_fn: Callable[[PyTree, Any], Array], params: PyTree, batch: Any,
@@ -246,8 +253,9 @@ def estimate(
   ``num_outputs``: C when already known (saves tracing the model again).
   """
   linearize = lambda rows, p: linearization.precondition(
-      linearization.linearize(apply_fn, p, rows, axis_name=axis_name), inv_sqrt)
-  c = num_outputs or linearization.num_rows(apply_fn, params, batch, axis_name=axis_name)[1]
+      linearization.linearize(apply_fn, p, rows, axis_name=axis_name, loss=loss), inv_sqrt)
+  c = num_outputs or linearization.num_rows(apply_fn, params, batch, axis_name=axis_name,
+                                            loss=loss)[1]
   keys = jax.random.split(key, 2)
   kernel = functools.partial(
       _kernel, loss=loss, output_norm=output_norm, estimator=estimator,

@@ -46,6 +46,9 @@ class OutputLoss:
       ``E[u_i u_iᵀ] = H_i`` per example, row i made from row i of ``noise`` alone.
     per_example: ``(outputs (B, C), batch) -> (B,)`` the loss itself, or ``None`` for the named
       losses (their Hessians do not depend on labels, so no labels are needed).
+    positions: the loss acts on the last axis alone, and every other axis of the outputs
+      indexes an example: a sequence model's ``(B, T, V)`` logits are ``B·T`` rows of ``V``
+      (``docs/design.md``, "Sequences").
   """
 
   name: str
@@ -53,6 +56,7 @@ class OutputLoss:
   noise: Callable[[Array, tuple[int, ...]], Array] | None
   probe: Callable[[Array, Array, Any], Array] | None
   per_example: PerExampleLoss | None = None
+  positions: bool = False
 
   def sample(self, key: Array, outputs: Array, batch: Any) -> Array:
     """Probes ``u`` (shape ``(B, C)``) with ``E[u_i u_iᵀ] = H_i``, independent across examples."""
@@ -70,19 +74,11 @@ class OutputLoss:
   def for_output_shape(self, shape: tuple[int, ...]) -> "OutputLoss":
     """This loss on outputs flattened to ``(B, C)`` from the model's own ``shape``.
 
-    The named losses work on ``(B, C)`` directly; a callable is handed its outputs back in the
+    The named losses work on ``(B, C)`` directly (``(B·T, C)`` rows for a loss with
+    ``positions``, see :func:`rows_per_example`); a callable is handed its outputs back in the
     shape the model produced (``(B,)`` for scalar models).
 
-    Raises:
-      ValueError: ``"softmax_cross_entropy"`` on outputs of more than two axes, e.g. a sequence
-        model's ``(B, T, V)``: the softmax would run over ``T·V`` entries.
     """
-    if self.name == "softmax_cross_entropy" and len(shape) > 2:
-      raise ValueError(
-          f'loss="softmax_cross_entropy" needs apply_fn outputs of shape (B, C); got {shape}. '
-          "Flattened per example, the softmax would run over all its positions at once. For a "
-          "sequence model pass a callable `loss(outputs, batch) -> (B,)` that reduces each "
-          "example's positions (it receives the outputs in the model's shape).")
     if self.per_example is None:
       return self
     fn = self.per_example
@@ -170,7 +166,7 @@ def resolve_loss(loss: str | PerExampleLoss | OutputLoss, argname: str = "loss")
     if loss == "mse":
       return OutputLoss("mse", _mse_hessian, _rademacher, _mse_probe)
     if loss == "softmax_cross_entropy":
-      return OutputLoss(loss, _softmax_hessian, _gumbel, _softmax_probe)
+      return OutputLoss(loss, _softmax_hessian, _gumbel, _softmax_probe, positions=True)
     if loss == "sigmoid_binary_cross_entropy":
       return OutputLoss(loss, _sigmoid_hessian, _uniform, _sigmoid_probe)
     raise ValueError(
@@ -184,3 +180,14 @@ def resolve_loss(loss: str | PerExampleLoss | OutputLoss, argname: str = "loss")
       f"`{argname}` must be one of {LOSS_NAMES} or a callable "
       f"(outputs, batch) -> per-example losses; got {type(loss).__name__}."
   )
+
+
+def rows_per_example(loss: OutputLoss | None, out_shape: tuple[int, ...]) -> int:
+  """Rows an example's outputs make: the product of the axes between the first and the last
+  for a loss with ``positions`` (T for ``(B, T, V)`` logits), else 1."""
+  if loss is None or not loss.positions or len(out_shape) <= 2:
+    return 1
+  p = 1
+  for d in out_shape[1:-1]:
+    p *= d
+  return p

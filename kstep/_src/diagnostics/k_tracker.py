@@ -175,7 +175,8 @@ def track_k(
   def update_fn(updates, state: TrackKState, params, extra_args, inv_sqrt):
     common.check_params(params, "track_k")
     batch = common.get_batch(extra_args, "track_k")
-    b, c = k_estimate.batch_rows(apply_fn, params, batch, batch_size, axis_name=axis_name)
+    b, c = k_estimate.batch_rows(apply_fn, params, batch, batch_size, axis_name=axis_name,
+                                 loss=spec)
     new_state = periodic.when_due(state.count, every, updates,
                                   lambda s: measure(s, params, batch, inv_sqrt), state)
     eta = arguments.schedule_value(learning_rate, state.count)

@@ -16,6 +16,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from kstep._src import losses
 from kstep._src.estimators import data_axis
 from kstep._src.estimators.data_axis import AxisName
 
@@ -28,7 +29,8 @@ class LinearizedModel(NamedTuple):
 
   Attributes:
     params: the params it was linearised at (marked varying over ``axis_name``).
-    outputs: the outputs reshaped to ``(b, C)`` (this device's rows), in the model's dtype.
+    outputs: the outputs reshaped to ``(b, C)`` (this device's rows), in the model's dtype. For
+      a loss with ``positions`` every position is a row: ``(B, T, V)`` logits give ``b = B·T``.
     out_shape: the outputs' own shape ``(b, ...)``.
     jvp: ``v`` (params-shaped, any float dtype) -> ``J v`` of shape ``(b, C)``, float32.
     vjp: ``u`` of shape ``(b, C)`` -> ``Jᵀ u`` (params-shaped, params' dtypes), this device's
@@ -49,14 +51,18 @@ class LinearizedModel(NamedTuple):
 
 
 def linearize(apply_fn: Callable[[PyTree, Any], Array], params: PyTree, batch: Any, *,
-              axis_name: AxisName = None) -> LinearizedModel:
-  """One forward pass of ``apply_fn(params, batch)``, its JVP and VJP (memory: one VJP's)."""
+              axis_name: AxisName = None, loss: losses.OutputLoss | None = None
+              ) -> LinearizedModel:
+  """One forward pass of ``apply_fn(params, batch)``, its JVP and VJP (memory: one VJP's).
+  ``loss``: the loss the rows are for (:func:`kstep._src.losses.rows_per_example`)."""
   params = data_axis.local(params, axis_name)
   outputs, f_jvp = jax.linearize(lambda p: apply_fn(p, batch), params)
   f_vjp = jax.linear_transpose(f_jvp, params)
   out_shape, out_dtype = outputs.shape, outputs.dtype
-  b = out_shape[0]
-  b_total, first_row = data_axis.global_rows(b, axis_name)
+  per = losses.rows_per_example(loss, out_shape)
+  b = out_shape[0] * per
+  b_total, first_row = data_axis.global_rows(out_shape[0], axis_name)
+  b_total, first_row = b_total * per, first_row * per
   dtypes = jax.tree.map(lambda x: x.dtype, params)
 
   def jvp(v: PyTree) -> Array:
@@ -80,11 +86,12 @@ def vjps(lin: LinearizedModel, cotangents: Array) -> list[PyTree]:
 
 
 def num_rows(apply_fn: Callable[[PyTree, Any], Array], params: PyTree, batch: Any, *,
-             axis_name: AxisName = None, out_shape: tuple[int, ...] | None = None
-             ) -> tuple[int, int]:
+             axis_name: AxisName = None, out_shape: tuple[int, ...] | None = None,
+             loss: losses.OutputLoss | None = None) -> tuple[int, int]:
   """``(B, C)`` of ``apply_fn(params, batch)`` from shapes alone (no computation): B the rows of
   the whole batch (summed over ``axis_name``), C the outputs per row (1 for ``(B,)``).
-  ``out_shape``: the outputs' shape when already known (saves tracing the model again)."""
+  ``out_shape``: the outputs' shape when already known (saves tracing the model again).
+  ``loss``: with ``positions``, every position is a row (``(B, T, V)``: ``(B·T, V)``)."""
   shape = (jax.eval_shape(lambda p: apply_fn(p, batch), params).shape if out_shape is None
            else tuple(out_shape))
   if len(shape) == 0:
@@ -92,11 +99,12 @@ def num_rows(apply_fn: Callable[[PyTree, Any], Array], params: PyTree, batch: An
         "apply_fn(params, batch) must return outputs with the examples on axis 0, shape (B, ...); "
         "got a scalar."
     )
+  per = losses.rows_per_example(loss, shape)
   c = 1
   for d in shape[1:]:
     c *= d
   b_total, _ = data_axis.global_rows(shape[0], axis_name)
-  return b_total, c
+  return b_total * per, c // per
 
 
 def precondition(lin: LinearizedModel, inv_sqrt: PyTree | None) -> LinearizedModel:

@@ -171,7 +171,7 @@ def output_kernel(
     return OutputKernel((matrix + matrix.T) / 2, jnp.zeros_like(matrix))
   if key is None:
     raise ValueError('`key` is required for method="hutchinson".')
-  lin = linearization.linearize(apply_fn, params, batch, axis_name=axis_name)
+  lin = linearization.linearize(apply_fn, params, batch, axis_name=axis_name, loss=spec)
   return linearized_output_kernel(
       lin, spec, batch, key=key, num_probes=num_probes, axis_name=axis_name,
       probe_scope=probe_scope,

@@ -61,8 +61,9 @@ def gauss_newton_vp(
   Complex ``params`` raise a ``ValueError``.
   """
   arguments.check_real_params(params, "gauss_newton_vp")
-  lin = linearization.linearize(apply_fn, params, batch, axis_name=axis_name)
-  return linearized_gauss_newton_vp(lin, losses.resolve_loss(loss), batch, v, axis_name=axis_name)
+  spec = losses.resolve_loss(loss)
+  lin = linearization.linearize(apply_fn, params, batch, axis_name=axis_name, loss=spec)
+  return linearized_gauss_newton_vp(lin, spec, batch, v, axis_name=axis_name)
 
 
 def linearized_gauss_newton_vp(

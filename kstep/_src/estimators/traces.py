@@ -66,14 +66,19 @@ def exact_kernels(apply_fn: ApplyFn, params: PyTree, batch: Any, loss: losses.Ou
                   chunk_size: int, axis_name: AxisName = None):
   """For ``method="exact"``: ``(K, H, B)`` with ``K`` the per-example output kernels
   ``J_i J_iᵀ`` (``(b, C, C)``, this device's rows), ``H`` the loss's output Hessians on the same
-  rows and ``B`` the global batch size."""
+  rows and ``B`` the global batch size. For a loss with ``positions`` the rows are positions:
+  ``K`` keeps each position's diagonal block of its sequence's kernel."""
   params = data_axis.local(params, axis_name)
   outputs = apply_fn(params, batch)
+  per = losses.rows_per_example(loss, outputs.shape)
   b = outputs.shape[0]
   b_total, _ = data_axis.global_rows(b, axis_name)
   spec = loss.for_output_shape(outputs.shape)
   kernels = per_example_ntk(apply_fn, params, batch, chunk_size)
-  return kernels, spec.hessian(outputs.reshape(b, -1), batch), b_total
+  if per > 1:  # (b, T·V, T·V) -> the T diagonal (V, V) blocks of each sequence
+    c = kernels.shape[-1] // per
+    kernels = jnp.einsum("bpcpd->bpcd", kernels.reshape(b, per, c, per, c)).reshape(-1, c, c)
+  return kernels, spec.hessian(outputs.reshape(b * per, -1), batch), b_total * per
 
 
 def gauss_newton_trace(
@@ -145,7 +150,7 @@ def gauss_newton_trace(
     return TraceEstimate(value.astype(jnp.float32), jnp.zeros((), jnp.float32))
   if key is None:
     raise ValueError('`key` is required for method="hutchinson".')
-  lin = linearization.linearize(apply_fn, params, batch, axis_name=axis_name)
+  lin = linearization.linearize(apply_fn, params, batch, axis_name=axis_name, loss=spec)
   return hutchinson_trace(
       lin, spec, batch, key=key, num_probes=num_probes, chunk_size=chunk_size,
       axis_name=axis_name, probe_scope=probe_scope,
