@@ -32,7 +32,7 @@ def _json_dict(s: str) -> dict:
 
 def _common(p: argparse.ArgumentParser, task: bool = True, batch_list: bool = True,
             results_dir: pathlib.Path = results_io.RUNS_DIR,
-            task_choices: tuple[str, ...] = tasks.TASKS) -> None:
+            task_choices: tuple[str, ...] = tasks.TASKS + tasks.LM_TASKS) -> None:
   if task:
     p.add_argument("task", choices=task_choices)
     p.add_argument("--scale", choices=("cpu", "gpu"), default="cpu",

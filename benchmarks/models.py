@@ -1,4 +1,5 @@
-"""Flax (linen) models of the benchmarks: an MLP, LayerNorm ResNets and a BatchNorm ResNet.
+"""Flax (linen) models of the benchmarks: an MLP, LayerNorm ResNets, a BatchNorm ResNet and a
+byte-level transformer language model.
 
 The MLP and the LayerNorm ResNet are pure functions ``apply(params, x) -> logits``: the
 per-example outputs the K controller differentiates do not depend on the rest of the batch.
@@ -151,3 +152,27 @@ class BNResNet(nn.Module):
         x = BNBasicBlock(self.width * 2**stage, stride, self.bn_momentum)(x, train)
     x = jnp.mean(x, axis=(1, 2))
     return nn.Dense(self.num_classes)(x)
+
+
+class TransformerLM(nn.Module):
+  """Causal byte-level transformer: token and learned position embeddings, ``depth`` pre-LN
+  blocks (multi-head self-attention, a GELU MLP of 4× width), a final LayerNorm and an untied
+  readout; ``(B, T)`` bytes -> ``(B, T, vocab)`` logits."""
+
+  vocab: int = 256
+  width: int = 128
+  depth: int = 2
+  heads: int = 4
+  context: int = 128
+
+  @nn.compact
+  def __call__(self, tokens):
+    t = tokens.shape[-1]
+    pos = self.param("pos", nn.initializers.normal(0.02), (self.context, self.width))
+    h = nn.Embed(self.vocab, self.width)(tokens) + pos[:t]
+    mask = nn.make_causal_mask(tokens)
+    for _ in range(self.depth):
+      h = h + nn.SelfAttention(num_heads=self.heads, qkv_features=self.width)(
+          nn.LayerNorm()(h), mask=mask)
+      h = h + nn.Dense(self.width)(nn.gelu(nn.Dense(4 * self.width)(nn.LayerNorm()(h))))
+    return nn.Dense(self.vocab)(nn.LayerNorm()(h))

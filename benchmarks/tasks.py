@@ -44,10 +44,13 @@ class Problem:
   eval_apply: Callable[[Any, jax.Array, jax.Array], jax.Array] | None = None
 
   def per_example_loss(self, logits: jax.Array, y: jax.Array) -> jax.Array:
+    """``(B,)``: the loss of each example, the mean over its positions for ``(B, T)`` labels."""
     onehot = jax.nn.one_hot(y, self.num_classes, dtype=logits.dtype)
     if self.loss == "mse":
-      return 0.5 * jnp.sum(jnp.square(logits - onehot), axis=-1)
-    return optax.softmax_cross_entropy(logits, onehot)
+      per = 0.5 * jnp.sum(jnp.square(logits - onehot), axis=-1)
+    else:
+      per = optax.softmax_cross_entropy(logits, onehot)
+    return per.reshape(per.shape[0], -1).mean(axis=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +64,7 @@ class Defaults:
   losses: tuple[str, ...] = LOSSES
   band_lrs: tuple[float, ...] = (1e-3, 3.0)
   band_seeds: tuple[int, ...] = (0, 1, 2)
+  context: int = 0  # sequence tasks: the window length T
 
 
 def _model_problem(task, scale, loss, data, model, batch_size, steps, notes) -> Problem:
@@ -135,6 +139,12 @@ DEFAULTS: dict[tuple[str, str], Defaults] = {
     ("cifar10_resnet18", "gpu"): Defaults(steps=1560, batch_size=128),
 }
 TASKS = ("digits_mlp", "mnist_mlp", "cifar10_resnet18", "cifar10_bn_resnet18")
+# Language models: (B, T) bytes in, (B, T, 256) logits out, the loss the mean over tokens;
+# cross-entropy only, the Adam family, metric validation bits per byte (benchmarks/lm_report.py).
+LM_TASKS = ("shakespeare_lm",)
+DEFAULTS[("shakespeare_lm", "cpu")] = Defaults(
+    steps=400, batch_size=32, lrs=(1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1),
+    losses=("ce",), context=64)
 # Models on random data, for the overhead benchmark only (nothing to learn, nothing to evaluate).
 SYNTHETIC_TASKS = ("synthetic_convnet", "synthetic_tanh_mlp")
 DEFAULTS[("synthetic_convnet", "cpu")] = Defaults(steps=200, batch_size=32)
@@ -182,6 +192,26 @@ def _random(shape: tuple[int, ...], rows: int = 2048) -> tuple[np.ndarray, ...]:
   return x, y, x[:256], y[:256]
 
 
+def _shakespeare(data_dir: str | None, context: int) -> tuple[np.ndarray, ...]:
+  """Non-overlapping windows of ``context + 1`` bytes: the first 90 % of the text for training,
+  the last 10 % for validation; x the first ``context`` bytes of a window, y the next ones."""
+  if data_dir is None:
+    raise SystemExit("shakespeare.txt needs --data-dir (or KSTEP_DATA)")
+  path = pathlib.Path(data_dir) / "shakespeare.txt"
+  if not path.exists():
+    raise SystemExit(f"{path} not found (see the README for the data files)")
+  text = np.frombuffer(path.read_bytes(), np.uint8).astype(np.int32)
+  split = int(0.9 * len(text))
+
+  def windows(part):
+    n = (len(part) - 1) // context
+    idx = np.arange(n)[:, None] * context + np.arange(context + 1)
+    w = part[idx]
+    return w[:, :-1], w[:, 1:]
+
+  return (*windows(text[:split]), *windows(text[split:]))
+
+
 def defaults(task: str, scale: str) -> Defaults:
   if (task, scale) not in DEFAULTS:
     scale = "cpu"
@@ -222,6 +252,17 @@ def load(task: str, loss: str, *, scale: str = "cpu", data_dir: str | None = Non
         task, label, loss, _cifar(data_dir, pool), model, batch_size, steps,
         f"{notes}; trained in train mode, evaluated on population statistics of "
         f"{CALIBRATION_ROWS} training rows")
+  if task == "shakespeare_lm":
+    if loss != "ce":
+      raise ValueError("shakespeare_lm is trained with cross-entropy only (--losses ce)")
+    t = d.context
+    model = models.TransformerLM(width=128, depth=2, heads=4, context=t)
+    problem = _model_problem(
+        task, "CPU", loss, _shakespeare(data_dir, t), model, batch_size, steps,
+        f"byte-level causal transformer (2 pre-LN blocks, width 128, 4 heads, context {t}) on "
+        "shakespeare.txt, non-overlapping windows, last 10 % for validation")
+    problem.num_classes = 256
+    return problem
   if task == "synthetic_convnet":
     return _model_problem(task, "CPU", loss, _random((16, 16, 3)), models.PreActResNet(),
                           batch_size, steps, "random 16x16x3 inputs and labels; pre-activation "
@@ -231,4 +272,4 @@ def load(task: str, loss: str, *, scale: str = "cpu", data_dir: str | None = Non
     return _model_problem(task, "CPU", loss, _random((784,)), model, batch_size, steps,
                           "random 784-dim inputs and labels; MLP 784-256-256-10 tanh "
                           "(overhead only)")
-  raise ValueError(f"unknown task {task!r}; one of {TASKS + SYNTHETIC_TASKS} or linreg")
+  raise ValueError(f"unknown task {task!r}; one of {TASKS + LM_TASKS + SYNTHETIC_TASKS} or linreg")

@@ -94,12 +94,13 @@ class Runner:
     def metrics(x, y, chunk):
       n = (x.shape[0] // chunk) * chunk
       xs = x[:n].reshape(-1, chunk, *x.shape[1:])
-      ys = y[:n].reshape(-1, chunk)
+      ys = y[:n].reshape(-1, chunk, *y.shape[1:])
 
-      def one(xy):
+      def one(xy):  # per example: its loss and its accuracy (over its positions for (B, T))
         logits = model(params, xy[0])
+        right = (jnp.argmax(logits, -1) == xy[1]).reshape(chunk, -1)
         return (jnp.sum(self.p.per_example_loss(logits, xy[1])),
-                jnp.sum(jnp.argmax(logits, -1) == xy[1]))
+                jnp.sum(jnp.mean(right, axis=1)))
 
       loss, correct = jax.lax.map(one, (xs, ys))
       return jnp.sum(loss) / n, jnp.sum(correct) / n
