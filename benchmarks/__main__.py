@@ -124,7 +124,8 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--no-plots", action="store_true", help="keep the plots already there")
 
   p = sub.add_parser("overhead", help="steps/s of k_controlled_sgd vs optax.sgd, interleaved")
-  _common(p, batch_list=False, task_choices=tasks.TASKS + tasks.SYNTHETIC_TASKS)
+  _common(p, batch_list=False,
+          task_choices=tasks.TASKS + tasks.LM_TASKS + tasks.SYNTHETIC_TASKS)
   p.add_argument("--every", type=_ints, default=[1, 10, 100])
   p.add_argument("--rounds", type=int, default=7)
   p.add_argument("--chunk", type=int, default=200, help="steps per timed chunk")

@@ -92,6 +92,7 @@ class Runner:
       model = lambda params, x: self.p.eval_apply(params, x_calibration, x)
 
     def metrics(x, y, chunk):
+      chunk = min(chunk, x.shape[0])
       n = (x.shape[0] // chunk) * chunk
       xs = x[:n].reshape(-1, chunk, *x.shape[1:])
       ys = y[:n].reshape(-1, chunk, *y.shape[1:])
