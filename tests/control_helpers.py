@@ -301,3 +301,28 @@ def diverges_on_quadratic(opt, lam: float, steps: int = 3000) -> bool:
 
   (theta, _), _ = jax.lax.scan(body, (theta, state), None, length=steps)
   return not bool(jnp.abs(theta) < 1.0)
+
+
+def sequence_model():
+  """A causal-ish toy sequence model: (B, T) tokens -> (B, T, V) logits, positions mixed."""
+  b, t, v, d = 3, 4, 5, 6
+  params = {"e": jax.random.normal(jax.random.key(0), (v, d)),
+            "w": 0.5 * jax.random.normal(jax.random.key(1), (d, v)),
+            "m": 0.3 * jax.random.normal(jax.random.key(2), (t, t))}
+
+  def apply_fn(p, batch):
+    h = jnp.tanh(p["e"][batch["x"]])
+    return jnp.einsum("ts,bsd->btd", p["m"], h) @ p["w"] + h @ p["w"]
+
+  return apply_fn, params, {"x": jax.random.randint(jax.random.key(3), (b, t), 0, v)}
+
+
+def dense_per_token_trace(apply_fn, params, batch):
+  """(1/(B·T)) Σ_{b,t} tr(J_btᵀ H_bt J_bt) from the dense Jacobian of every position."""
+  import jax.flatten_util  # noqa: F401
+
+  flat, unravel = jax.flatten_util.ravel_pytree(params)
+  jac = jax.jacrev(lambda f: apply_fn(unravel(f), batch))(flat)  # (B, T, V, P)
+  p = jax.nn.softmax(apply_fn(params, batch), -1)
+  h = jax.vmap(jax.vmap(jnp.diag))(p) - p[..., :, None] * p[..., None, :]
+  return float(jnp.einsum("btvp,btvw,btwp->", jac, h, jac)) / (p.shape[0] * p.shape[1])

@@ -194,23 +194,11 @@ def test_one_output_per_example_is_the_same_k_in_every_norm():
 def test_sequence_outputs_count_every_position_as_an_example(batch_size, micro):
   """(B, T, V) logits with cross-entropy: K = η S_tok / (2(1 − μ) B T), S_tok the mean
   per-position Gauss–Newton trace (dense reference) and ``batch_size`` counting sequences."""
-  import jax.flatten_util  # noqa: F401
+  from control_helpers import dense_per_token_trace, sequence_model
 
-  b, t, v, d = 3, 4, 5, 6
-  params = {"e": jax.random.normal(jax.random.key(0), (v, d)),
-            "w": 0.5 * jax.random.normal(jax.random.key(1), (d, v)),
-            "m": 0.3 * jax.random.normal(jax.random.key(2), (t, t))}
-
-  def apply_fn(p, batch):
-    h = jnp.tanh(p["e"][batch["x"]])
-    return jnp.einsum("ts,bsd->btd", p["m"], h) @ p["w"] + h @ p["w"]
-
-  batch = {"x": jax.random.randint(jax.random.key(3), (b, t), 0, v)}
-  flat, unravel = jax.flatten_util.ravel_pytree(params)
-  jac = jax.jacrev(lambda f: apply_fn(unravel(f), batch))(flat)
-  prob = jax.nn.softmax(apply_fn(params, batch), -1)
-  hess = jax.vmap(jax.vmap(jnp.diag))(prob) - prob[..., :, None] * prob[..., None, :]
-  s_tok = float(jnp.einsum("btvp,btvw,btwp->", jac, hess, jac)) / (b * t)
+  apply_fn, params, batch = sequence_model()
+  (b, t), v = batch["x"].shape, 5
+  s_tok = dense_per_token_trace(apply_fn, params, batch)
 
   opt = kstep.k_controlled_sgd(1e4, apply_fn=apply_fn, loss="softmax_cross_entropy",
                                momentum=0.9, batch_size=batch_size, guard=None,

@@ -253,36 +253,13 @@ def test_resolve_loss_passes_output_losses_through():
   assert losses.resolve_loss(spec) is spec
 
 
-def _sequence_model():
-  """A causal-ish toy sequence model: (B, T) tokens -> (B, T, V) logits, positions mixed."""
-  b, t, v, d = 3, 4, 5, 6
-  params = {"e": jax.random.normal(jax.random.key(0), (v, d)),
-            "w": 0.5 * jax.random.normal(jax.random.key(1), (d, v)),
-            "m": 0.3 * jax.random.normal(jax.random.key(2), (t, t))}
-
-  def apply_fn(p, batch):
-    h = jnp.tanh(p["e"][batch["x"]])
-    return jnp.einsum("ts,bsd->btd", p["m"], h) @ p["w"] + h @ p["w"]
-
-  return apply_fn, params, {"x": jax.random.randint(jax.random.key(3), (b, t), 0, v)}
-
-
-def _dense_per_token_trace(apply_fn, params, batch):
-  """(1/(B·T)) Σ_{b,t} tr(J_btᵀ H_bt J_bt) from the dense Jacobian of every position."""
-  flat, unravel = jax.flatten_util.ravel_pytree(params)
-  jac = jax.jacrev(lambda f: apply_fn(unravel(f), batch))(flat)  # (B, T, V, P)
-  p = jax.nn.softmax(apply_fn(params, batch), -1)
-  h = jax.vmap(jax.vmap(jnp.diag))(p) - p[..., :, None] * p[..., None, :]
-  return float(jnp.einsum("btvp,btvw,btwp->", jac, h, jac)) / (p.shape[0] * p.shape[1])
-
-
 def test_softmax_cross_entropy_on_sequence_outputs_makes_every_position_a_row():
   """(B, T, V) logits are B·T rows of V: the trace is the mean per-position GN trace."""
-  import jax.flatten_util  # noqa: F401
   import kstep
+  from control_helpers import dense_per_token_trace, sequence_model
 
-  apply_fn, params, batch = _sequence_model()
-  ref = _dense_per_token_trace(apply_fn, params, batch)
+  apply_fn, params, batch = sequence_model()
+  ref = dense_per_token_trace(apply_fn, params, batch)
   exact = kstep.gauss_newton_trace(apply_fn, params, batch, loss="softmax_cross_entropy",
                                    method="exact")
   np.testing.assert_allclose(float(exact.value), ref, rtol=1e-5)
