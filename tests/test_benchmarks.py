@@ -307,3 +307,14 @@ def test_shakespeare_lm_trains_with_k_controlled_adam(tmp_path):
   assert lm_report.bits_per_byte(run) < 5.0
   assert out["kstep_final"]["k_num_outputs"] == 256
   assert 0 < out["kstep_final"]["k"] < 10
+
+
+@pytest.mark.slow
+def test_guard_rows_lambda_falls_with_the_rows_on_digits():
+  """A mini-batch's preconditioned Gauss–Newton λ_max is larger on fewer rows (digits)."""
+  from benchmarks import guard_rows, tasks
+
+  problem = tasks.load("digits_mlp", "ce")
+  params, p = guard_rows.trained(problem, 50, 3e-3)
+  lam = guard_rows.lambda_by_rows(problem, params, p, (16, 1024))
+  assert lam[16] > 1.3 * lam[1024] > 0
