@@ -441,3 +441,34 @@ def test_adam_controller_shard_map_equals_single_device(params, check_vma):
   state = jax.device_put(opt.init(params), REPLICATED)
   got = run(step, jax.device_put(params, REPLICATED), state, batches(4), with_guard_put)
   compare_runs(ref, got)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sequence logits (B, T, V) with cross-entropy: every position a row, rows offset by T per
+# sequence on each shard.
+
+
+def seq_apply(p, batch):
+  h = jnp.tanh(p["e"][batch["x"]])
+  return jnp.einsum("ts,bsd->btd", p["m"], h) @ p["w"] + h @ p["w"]
+
+
+@pytest.mark.parametrize("check_vma", [True, False])
+@pytest.mark.parametrize("method", ["hutchinson", "exact"])
+def test_sequence_trace_shard_map_equals_single_device(method, check_vma):
+  t, v, d = 4, 5, 6
+  params = {"e": jax.random.normal(jax.random.key(0), (v, d)),
+            "w": 0.5 * jax.random.normal(jax.random.key(1), (d, v)),
+            "m": 0.3 * jax.random.normal(jax.random.key(2), (t, t))}
+  batch = {"x": jax.random.randint(jax.random.key(3), (2 * NDEV, t), 0, v)}
+
+  def fn(axis_name=None):
+    return lambda p, b: kstep.gauss_newton_trace(
+        seq_apply, p, b, loss="softmax_cross_entropy", key=jax.random.PRNGKey(7),
+        num_probes=4, method=method, axis_name=axis_name).value
+
+  ref = jax.jit(fn())(params, batch)
+  got = smap(fn("data"), check_vma=check_vma)(jax.device_put(params, REPLICATED),
+                                               jax.device_put(batch, DATA))
+  close(got, ref)
+  close(jax.jit(fn())(params, jax.device_put(batch, DATA)), ref)
