@@ -100,7 +100,8 @@ def track_k(
   per-example Jacobians (``"exact"``).
 
   Args:
-    apply_fn: ``apply_fn(params, batch)`` -> outputs ``(B, C)`` or ``(B,)``.
+    apply_fn: ``apply_fn(params, batch)`` -> outputs ``(B, C)`` or ``(B,)``; ``(B, T, V)``
+      logits with ``"softmax_cross_entropy"`` are ``B·T`` rows of ``V``.
     loss: ``"mse"``, ``"softmax_cross_entropy"``, ``"sigmoid_binary_cross_entropy"`` or a callable
       ``loss(outputs, batch) -> (B,)`` (see :func:`kstep.gauss_newton_trace`).
     learning_rate: η, a float or an optax schedule of the update count (the step the optimizer

@@ -130,7 +130,8 @@ def output_kernel(
   ``"exact"``: B per-example Jacobians, ``chunk_size`` at a time.
 
   Args:
-    apply_fn: ``apply_fn(params, batch)`` -> outputs ``(B, C)`` or ``(B,)``.
+    apply_fn: ``apply_fn(params, batch)`` -> outputs ``(B, C)`` or ``(B,)``; ``(B, T, V)``
+      logits with ``"softmax_cross_entropy"`` are ``B·T`` rows of ``V``.
     params: any pytree of real float arrays.
     batch: the inputs (and anything ``apply_fn``/``loss`` read).
     loss: as in :func:`kstep.gauss_newton_trace`.

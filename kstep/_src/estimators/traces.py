@@ -119,7 +119,8 @@ def gauss_newton_trace(
   lower variance, but a different number from the single-device one.
 
   Args:
-    apply_fn: ``apply_fn(params, batch)`` -> outputs ``(B, C)`` or ``(B,)``.
+    apply_fn: ``apply_fn(params, batch)`` -> outputs ``(B, C)`` or ``(B,)``; ``(B, T, V)``
+      logits with ``"softmax_cross_entropy"`` are ``B·T`` rows of ``V``.
     params: any pytree of float arrays.
     batch: the inputs (and anything else ``apply_fn``/``loss`` read).
     loss: ``"mse"``, ``"softmax_cross_entropy"``, ``"sigmoid_binary_cross_entropy"`` or a callable
