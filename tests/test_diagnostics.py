@@ -725,3 +725,20 @@ def test_eos_and_eoss_example_settings():
     s = eos.summarize(rec, lr, momentum=mu)
     assert 0.9 <= s["batch_sharpness/small_batch_edge"] <= 1.1, (seed, s)
     assert s["batch_sharpness/large_batch_edge"] < 0.1 and s["lambda_max/edge"] < 0.1, (seed, s)
+
+
+def test_track_k_on_sequence_logits_counts_every_position():
+  """track_k beside SGD on (B, T, V) cross-entropy logits: K = η S_tok / (2(1 − μ) B T)."""
+  from control_helpers import dense_per_token_trace, sequence_model
+
+  apply_fn, params, batch = sequence_model()
+  (b, t) = batch["x"].shape
+  s_tok = dense_per_token_trace(apply_fn, params, batch)
+  opt = optax.chain(kstep.track_k(apply_fn, loss="softmax_cross_entropy", learning_rate=0.3,
+                                  momentum=0.9, estimator="exact", decay=None),
+                    optax.sgd(0.3, momentum=0.9))
+  grads = jax.tree.map(jnp.ones_like, params)
+  _, state = jax.jit(opt.update)(grads, opt.init(params), params, batch=batch)
+  s = kstep.stats(state)
+  np.testing.assert_allclose(float(s["k_trace"]), s_tok, rtol=1e-4)
+  np.testing.assert_allclose(float(s["k"]), 0.3 * s_tok / (2 * 0.1 * b * t), rtol=1e-4)
