@@ -86,13 +86,17 @@ def _digits() -> tuple[np.ndarray, ...]:
   return x[:1400], y[:1400], x[1400:], y[1400:]
 
 
-def _npz(data_dir: str | None, name: str) -> Any:
+def _data_file(data_dir: str | None, name: str) -> pathlib.Path:
   if data_dir is None:
     raise SystemExit(f"{name} needs --data-dir (or KSTEP_DATA) pointing at a folder with {name}")
   path = pathlib.Path(data_dir) / name
   if not path.exists():
     raise SystemExit(f"{path} not found (see the README for the data files)")
-  return np.load(path)
+  return path
+
+
+def _npz(data_dir: str | None, name: str) -> Any:
+  return np.load(_data_file(data_dir, name))
 
 
 def _standardize(x_train: np.ndarray, x_test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -195,11 +199,7 @@ def _random(shape: tuple[int, ...], rows: int = 2048) -> tuple[np.ndarray, ...]:
 def _shakespeare(data_dir: str | None, context: int) -> tuple[np.ndarray, ...]:
   """Non-overlapping windows of ``context + 1`` bytes: the first 90 % of the text for training,
   the last 10 % for validation; x the first ``context`` bytes of a window, y the next ones."""
-  if data_dir is None:
-    raise SystemExit("shakespeare.txt needs --data-dir (or KSTEP_DATA)")
-  path = pathlib.Path(data_dir) / "shakespeare.txt"
-  if not path.exists():
-    raise SystemExit(f"{path} not found (see the README for the data files)")
+  path = _data_file(data_dir, "shakespeare.txt")
   text = np.frombuffer(path.read_bytes(), np.uint8).astype(np.int32)
   split = int(0.9 * len(text))
 

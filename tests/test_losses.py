@@ -255,8 +255,9 @@ def test_resolve_loss_passes_output_losses_through():
 
 def test_softmax_cross_entropy_on_sequence_outputs_makes_every_position_a_row():
   """(B, T, V) logits are B·T rows of V: the trace is the mean per-position GN trace."""
-  import kstep
   from control_helpers import dense_per_token_trace, sequence_model
+
+  import kstep
 
   apply_fn, params, batch = sequence_model()
   ref = dense_per_token_trace(apply_fn, params, batch)

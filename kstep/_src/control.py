@@ -330,8 +330,9 @@ def k_controlled_sgd(
     weight_decay: decoupled L2 coefficient ≥ 0 added to the gradient before momentum, as
       ``optax.add_decayed_weights``; ``None``: none.
     batch_size: B; ``None`` reads it from the outputs' leading dimension (the global batch
-      under sharding; times T for ``(B, T, V)`` cross-entropy logits). Under gradient accumulation (``optax.MultiSteps``) give the effective
-      batch, a multiple of the micro-batch; any other mismatch raises ``ValueError``.
+      under sharding; times T for ``(B, T, V)`` cross-entropy logits). Under gradient
+      accumulation (``optax.MultiSteps``) give the effective batch, a multiple of the
+      micro-batch; any other mismatch raises ``ValueError``.
     max_scale: if given (> 0), the step never exceeds ``max_scale · η_base``
       (``max_scale=1``: the controller only ever lowers the base LR).
     trace_floor: ρ ≥ 0: ``S ← max(S, ρ·S_NTK)`` (one more probe), against the collapse of the

@@ -77,7 +77,6 @@ class OutputLoss:
     The named losses work on ``(B, C)`` directly (``(B·T, C)`` rows for a loss with
     ``positions``, see :func:`rows_per_example`); a callable is handed its outputs back in the
     shape the model produced (``(B,)`` for scalar models).
-
     """
     if self.per_example is None:
       return self
